@@ -1,0 +1,150 @@
+"""The in-memory DataModule every dataset of the suite builds on.
+
+Whole datasets live in memory as tensors (uint8 for real images); batches are cut from them by index, moved
+to the device, and only there converted to float in [0, 1] and augmented. Normalisation is a layer of the
+model, so epsilons are in pixel units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.augment import random_crop_flip
+from datamodules.files import resolve_data_dir
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the current process; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of ``size`` examples with classes as equal as possible, drawn with ``seed``."""
+    if not 0 < size <= len(labels):
+        raise ValueError(f"subset size {size} must be in 1..{len(labels)} (the dataset's size); fix train_size")
+    gen = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    chosen = []
+    for rank, c in enumerate(classes):
+        members = (labels == c).nonzero().flatten()
+        take = size // len(classes) + (rank < size % len(classes))
+        if take > len(members):
+            raise ValueError(f"class {int(c)} has {len(members)} examples, fewer than the {take} asked for")
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+class TensorBatches(IterableDataset):
+    """Batches cut from in-memory tensors, split across DDP ranks.
+
+    Training (``shuffle``): one permutation per epoch from ``(seed, epoch)``, identical on every rank, dealt
+    round-robin and truncated so every rank runs the same number of steps. Evaluation: contiguous shards,
+    no padding, so no example is counted twice.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 seed: int = 0, epoch_fn: Callable[[], int] = lambda: 0) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.drop_last, self.seed, self.epoch_fn = shuffle, drop_last, seed, epoch_fn
+
+    def _indices(self) -> torch.Tensor:
+        rank, world = world_info()
+        n = len(self.y)
+        if not self.shuffle:
+            return torch.arange(n).tensor_split(world)[rank]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch_fn()))
+        return order[rank::world][: n // world]
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Split]:
+        for batch in self._indices().split(self.batch_size):
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield self.x[batch], self.y[batch]
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Base class: subclasses implement ``load()`` returning ``(train_x, train_y, test_x, test_y)``."""
+
+    num_classes = 10
+
+    def __init__(self, data_dir: str | None = None, batch_size: int = 128, eval_batch_size: int | None = None,
+                 train_size: int | None = None, val_size: int = 0, augment: bool = True, crop_padding: int = 4,
+                 flip: bool = True, seed: int = 0) -> None:
+        """
+        Args:
+            data_dir: folder holding the dataset; default ``$BOF_DATA_DIR``, else ``./data``.
+            batch_size: training batch size per device (the global batch is this times the number of devices).
+            eval_batch_size: validation/test batch size per device (default: ``batch_size``).
+            train_size: train on a class-balanced subset of this many examples, drawn with ``seed``.
+            val_size: hold out this many class-balanced training examples as the validation set;
+                0 uses the test set for validation (the papers' practice).
+            augment: random crop and horizontal flip of training batches, on the device.
+            crop_padding: zero padding of the random crop (0 disables cropping).
+            flip: random horizontal flip.
+            seed: seed of the subset, the validation split and the shuffling.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = resolve_data_dir(data_dir)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.train_size, self.val_size, self.seed = train_size, val_size, seed
+        self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.train: Split | None = None
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        train_x, train_y, test_x, test_y = self.load()
+        keep = torch.arange(len(train_y))
+        if self.val_size:
+            val_idx = balanced_subset(train_y, self.val_size, self.seed + 1)
+            self.val = train_x[val_idx], train_y[val_idx]
+            mask = torch.ones(len(train_y), dtype=torch.bool)
+            mask[val_idx] = False
+            keep = mask.nonzero().flatten()
+        else:
+            self.val = test_x, test_y
+        if self.train_size is not None:
+            keep = keep[balanced_subset(train_y[keep], self.train_size, self.seed)]
+        self.train, self.test = (train_x[keep], train_y[keep]), (test_x, test_y)
+        self.train_indices = keep  # positions in the original training set, for constructed datasets
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _loader(self, split: Split, train: bool) -> DataLoader:
+        batches = TensorBatches(*split, self.batch_size if train else self.eval_batch_size, shuffle=train,
+                                drop_last=train, seed=self.seed, epoch_fn=self._epoch)
+        return DataLoader(batches, batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test, train=False)
+
+    def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
+        x, y = batch
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if self.augment and self.trainer is not None and self.trainer.training:
+            x = random_crop_flip(x, self.crop_padding, self.flip)
+        return x, y

@@ -1,0 +1,129 @@
+"""Standard training: a classifier from ``models.py`` trained with cross-entropy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from datamodules.cifar10 import MEAN as CIFAR_MEAN
+from datamodules.cifar10 import STD as CIFAR_STD
+from lightning_modules.models import build_model
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("step", "linear", "constant")
+
+
+class ClassifierModule(pl.LightningModule):
+    """A classifier trained with (label-smoothed) cross-entropy: the standard models of the papers."""
+
+    def __init__(
+        self,
+        arch: str = "fast_cnn",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        mean: Sequence[float] = CIFAR_MEAN,
+        std: Sequence[float] = CIFAR_STD,
+        arch_kwargs: dict | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-4,
+        lr_schedule: str = "step",
+        lr_milestones: Sequence[int] = (50, 100),
+        lr_gamma: float = 0.1,
+        warmup_fraction: float = 0.0,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        """
+        Args:
+            arch: network: ``resnet18``, ``resnet50``, ``vgg16`` or ``fast_cnn`` (see ``models.py``).
+            num_classes: number of output classes.
+            in_channels: image channels (3 for CIFAR-10, 1 for MNIST).
+            mean: per-channel mean of the normalisation layer inside the model (inputs stay in pixel units).
+            std: per-channel std of the normalisation layer.
+            arch_kwargs: extra architecture arguments, e.g. ``{"widths": [32, 64, 128]}`` for ``fast_cnn``.
+            optimizer: ``sgd`` (momentum, optional Nesterov) or ``adam``. A LightningCLI ``--optimizer``
+                section overrides this and the schedule.
+            lr: peak learning rate.
+            momentum: SGD momentum.
+            nesterov: Nesterov momentum for SGD.
+            weight_decay: L2 weight decay.
+            lr_schedule: ``step`` (divide by ``1/lr_gamma`` at each epoch of ``lr_milestones``, the robustness
+                library's schedule), ``linear`` (per-step linear warm-up over ``warmup_fraction`` of training,
+                then linear decay to 0) or ``constant``.
+            lr_milestones: epochs of the ``step`` schedule.
+            lr_gamma: factor of the ``step`` schedule.
+            warmup_fraction: fraction of all steps spent warming up in the ``linear`` schedule.
+            label_smoothing: label smoothing of the training loss (evaluation uses plain cross-entropy).
+            channels_last: keep weights and inputs in channels_last memory format.
+        """
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {SCHEDULES}")
+        self.save_hyperparameters()
+        self.model = build_model(arch, num_classes, in_channels, mean, std, **(arch_kwargs or {}))
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.metrics = torch.nn.ModuleDict(
+            {split: MulticlassAccuracy(num_classes, average="micro") for split in ("train_", "val_", "test_")}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def training_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The inputs the model is trained on; adversarial training overrides this."""
+        return x
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(self.training_inputs(x, y))
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.metrics["train_"](logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.metrics["train_"], prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch, split: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.metrics[split + "_"](logits, y)
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{split}/acc", self.metrics[split + "_"], prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":  # weight decay on every parameter, as the robustness library does
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                  weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant":
+            return opt
+        if hp.lr_schedule == "step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp.lr_milestones), hp.lr_gamma)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(hp.warmup_fraction * total))
+
+        def linear(step: int) -> float:
+            return min((step + 1) / warmup, max(0.0, (total - step) / max(1, total - warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,134 @@
+"""The networks of the suite. Each takes images in their own pixel range, normalises inside (so epsilons are
+in pixel units), returns logits from ``forward`` and the penultimate representation from ``features``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from datamodules.cifar10 import MEAN as CIFAR_MEAN
+from datamodules.cifar10 import STD as CIFAR_STD
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as a layer of the model."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """Normalisation + a representation network ``body`` + a linear ``head``."""
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, mean, std) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.body = body
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate representation g(x), used to build D_R / D_NR."""
+        return self.body(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out)]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(*conv_bn(c_in, width, 3, stride), nn.ReLU(inplace=True), *conv_bn(width, width))
+        self.shortcut = self._shortcut(c_in, width * self.expansion, stride)
+
+    @staticmethod
+    def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
+        return nn.Sequential(*conv_bn(c_in, c_out, 1, stride)) if stride != 1 or c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.residual(x) + self.shortcut(x))
+
+
+class Bottleneck(BasicBlock):
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        nn.Module.__init__(self)
+        self.residual = nn.Sequential(
+            *conv_bn(c_in, width, 1), nn.ReLU(inplace=True),
+            *conv_bn(width, width, 3, stride), nn.ReLU(inplace=True),
+            *conv_bn(width, width * 4, 1),
+        )
+        self.shortcut = self._shortcut(c_in, width * 4, stride)
+
+
+def cifar_resnet_body(block: type[BasicBlock], depths: Sequence[int], in_channels: int) -> tuple[nn.Module, int]:
+    """The CIFAR ResNet of the robustness library: 3x3 stride-1 stem, no max-pool, widths 64/128/256/512."""
+    layers: list[nn.Module] = [*conv_bn(in_channels, 64), nn.ReLU(inplace=True)]
+    c_in = 64
+    for stage, (width, depth) in enumerate(zip((64, 128, 256, 512), depths, strict=True)):
+        for i in range(depth):
+            layers.append(block(c_in, width, stride=2 if stage > 0 and i == 0 else 1))
+            c_in = width * block.expansion
+    # The library's 4x4 average pool on 32x32 inputs; adaptive so other sizes (MNIST) also work.
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), c_in
+
+
+def vgg16_body(in_channels: int) -> tuple[nn.Module, int]:
+    """VGG-16 with batch norm, CIFAR variant (one 512-d linear head)."""
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for item in plan:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [*conv_bn(c_in, item), nn.ReLU(inplace=True)]
+            c_in = item
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 512
+
+
+def fast_cnn_body(in_channels: int, widths: Sequence[int] = (64, 128, 256)) -> tuple[nn.Module, int]:
+    """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU."""
+    layers: list[nn.Module] = [*conv_bn(in_channels, widths[0] // 2), nn.GELU()]
+    c_in = widths[0] // 2
+    for width in widths:
+        layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width),
+                   nn.GELU(), *conv_bn(width, width), nn.GELU()]
+        c_in = width
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), c_in
+
+
+ARCHITECTURES = {
+    "resnet18": lambda c, **kw: cifar_resnet_body(BasicBlock, (2, 2, 2, 2), c),
+    "resnet50": lambda c, **kw: cifar_resnet_body(Bottleneck, (3, 4, 6, 3), c),
+    "vgg16": lambda c, **kw: vgg16_body(c),
+    "fast_cnn": lambda c, **kw: fast_cnn_body(c, **kw),
+}
+
+
+def build_model(arch: str, num_classes: int = 10, in_channels: int = 3, mean: Sequence[float] = CIFAR_MEAN,
+                std: Sequence[float] = CIFAR_STD, **arch_kwargs) -> Classifier:
+    """A classifier by name: one of ``ARCHITECTURES``."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values (one per input channel), got {len(mean)}/{len(std)}")
+    body, dim = ARCHITECTURES[arch](in_channels, **arch_kwargs)
+    return Classifier(body, dim, num_classes, mean, std)

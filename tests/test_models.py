@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from lightning_modules.models import ARCHITECTURES, Normalize, build_model
+
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 256}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_logits_and_representation_shapes(arch):
+    model = build_model(arch, num_classes=7).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x).shape == (2, 7)
+    assert model.features(x).shape == (2, FEATURE_DIMS[arch]) == (2, model.feature_dim)
+
+
+def test_resnet_stem_is_cifar_style():
+    body = build_model("resnet50").body
+    stem = body[0]
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in body.modules())
+    blocks = [m for m in body if m.__class__.__name__ == "Bottleneck"]
+    assert len(blocks) == 16  # [3, 4, 6, 3]
+    assert len([m for m in build_model("resnet18").body if m.__class__.__name__ == "BasicBlock"]) == 8
+
+
+def test_normalisation_is_inside_the_model():
+    norm = Normalize((0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
+    x = torch.tensor([0.5, 0.25, 0.3]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert torch.allclose(norm(x), torch.tensor([0.0, 0.0, 0.3]).view(1, 3, 1, 1).expand(1, 3, 2, 2))
+    model = build_model("fast_cnn")
+    assert isinstance(model.normalize, Normalize)
+    assert "normalize.mean" in model.state_dict()  # saved with the checkpoint, so eps stays in pixel units
+
+
+def test_single_channel_inputs():
+    model = build_model("resnet18", in_channels=1, mean=(0.1307,), std=(0.3081,)).eval()
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_bad_names_and_stats_are_explained():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet51'.*resnet50"):
+        build_model("resnet51")
+    with pytest.raises(ValueError, match="one per input channel"):
+        build_model("fast_cnn", in_channels=1)
+
+
+def test_fast_cnn_widths_configurable():
+    model = build_model("fast_cnn", widths=(16, 32, 64))
+    assert model.features(torch.rand(1, 3, 32, 32)).shape == (1, 64)
