@@ -94,7 +94,11 @@ def robust_accuracy(
     def size(eps: float) -> float:
         return step_size if step_size is not None else 2.5 * eps / steps
 
+    keyed: dict[str, tuple[str, float]] = {}  # repeated points are measured once
     for norm, eps in points:
+        if keyed.setdefault(point_key(norm, eps), (norm, eps)) != (norm, eps):
+            raise ValueError(f"points {keyed[point_key(norm, eps)]} and {(norm, eps)} share the key "
+                             f"{point_key(norm, eps)!r}; give epsilons that differ in the first 4 decimals")
         if math.isinf(eps):
             raise ValueError("robust accuracy at an infinite eps is meaningless; use a finite eps")
         if eps != 0:
@@ -105,12 +109,12 @@ def robust_accuracy(
         pgd_kwargs["generator"] = torch.Generator().manual_seed(seed)
 
     device = model_device(model, x.device)
-    robust = {point_key(norm, eps): 0 for norm, eps in points}
+    robust = dict.fromkeys(keyed, 0)
     with eval_mode(model):
         for xb, yb in _batches(x, y, batch_size=batch_size, device=device):
             clean_ok = predict(model, xb, batch_size=batch_size) == yb
             attacked = clean_ok.nonzero().squeeze(1)
-            for norm, eps in points:
+            for norm, eps in keyed.values():
                 ok = clean_ok.clone()
                 if eps > 0 and attacked.numel():
                     x_adv = pgd(

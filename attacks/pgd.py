@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -64,14 +65,14 @@ def check_attack_args(
     """Raise a ValueError naming the problem (and the fix) for an invalid attack specification."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
-    if not isinstance(eps, (int, float)) or math.isnan(eps) or eps <= 0:
+    if not isinstance(eps, numbers.Real) or math.isnan(eps) or eps <= 0:
         raise ValueError(
             f"eps must be a positive number (math.inf allowed for unconstrained descent), got {eps!r}; "
             "for clean accuracy do not attack at all"
         )
-    if not isinstance(step_size, (int, float)) or not math.isfinite(step_size) or step_size <= 0:
+    if not isinstance(step_size, numbers.Real) or not math.isfinite(step_size) or step_size <= 0:
         raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be a non-negative int (0 returns the starting point), got {steps!r}")
     if random_start not in RANDOM_STARTS:
         raise ValueError(f"random_start must be one of {RANDOM_STARTS}, got {random_start!r}")

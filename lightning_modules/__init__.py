@@ -1,6 +1,10 @@
-"""Models and the LightningModules that train them."""
+"""Models and the LightningModules that train them, plus the callbacks and loggers they use."""
 
+from lightning_modules.adversarial import AdversarialModule
+from lightning_modules.callbacks import RobustAccuracy
 from lightning_modules.classifier import ClassifierModule
+from lightning_modules.loggers import WandbLoggerWithFallback
 from lightning_modules.models import ARCHITECTURES, build_model
 
-__all__ = ["ARCHITECTURES", "ClassifierModule", "build_model"]
+__all__ = ["ARCHITECTURES", "AdversarialModule", "ClassifierModule", "RobustAccuracy", "WandbLoggerWithFallback",
+           "build_model"]

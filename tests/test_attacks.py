@@ -7,9 +7,7 @@ grad modes Lightning uses, and a cross-check against torchattacks on real CIFAR-
 from __future__ import annotations
 
 import math
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 from attacks import (
     AttackConfig,
     attack_success_rate,
+    cross_entropy_loss,
     fgsm_rs,
     pgd,
     point_key,
@@ -26,6 +25,8 @@ from attacks import (
     robust_accuracy,
     targeted_transfer_rate,
 )
+from datamodules.cifar10 import MEAN, STD
+from lightning_modules.models import Normalize
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -243,7 +244,7 @@ def test_l2_random_start_is_uniform_in_the_ball():
     u = (radius / eps) ** d
     for q in (0.25, 0.5, 0.75):
         assert abs(u.quantile(q).item() - q) < 0.03
-    assert abs(radius.median().item() - eps * 0.5 ** (1 / d)) < 0.01 * eps * 3
+    assert abs(radius.median().item() - eps * 0.5 ** (1 / d)) < 0.02 * eps
     # Isotropic directions: the mean unit vector is near zero.
     assert (delta / radius[:, None]).mean(0).norm() < 0.05
 
@@ -272,6 +273,10 @@ def test_early_stop_stops_once_every_example_is_fooled():
     x_adv = pgd(counting, x, y, early_stop=True, use_best=False, **kw)
     assert (model(x_adv).argmax(1) != y).all()
     assert len(calls) < 20
+    # With a custom loss (no logits at hand) the success check costs one extra forward per step.
+    calls.clear()
+    x_adv = pgd(counting, x, y, early_stop=True, use_best=False, loss_fn=cross_entropy_loss, **kw)
+    assert (model(x_adv).argmax(1) != y).all() and len(calls) < 40
     calls.clear()
     pgd(counting, x, y, **kw)
     assert len(calls) == 21  # 20 steps + the final iterate's loss for use_best
@@ -342,7 +347,8 @@ def _normalised_outside_the_model():
     return (x - 0.5) / 0.25, y
 
 
-_labels = lambda n: torch.zeros(n, dtype=torch.long)  # noqa: E731
+def _labels(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.long)
 
 
 @pytest.mark.parametrize(
@@ -405,6 +411,9 @@ def test_robust_accuracy_matches_the_closed_form_and_is_batch_independent():
     assert list(result) == [point_key(*p) for p in points]
     assert result == {"l2_0": 1.0, point_key("l2", 0.95 * minimal): 1.0, point_key("l2", 1.05 * minimal): 0.0}
     assert robust_accuracy(model, x, y, points, steps=10, batch_size=7) == result
+    assert robust_accuracy(model, x, y, points + points[:1], steps=10) == result  # a repeat counts once
+    with pytest.raises(ValueError, match="share the key"):
+        robust_accuracy(model, x, y, [("linf", 8 / 255), ("linf", 0.0314)])
     assert point_key("linf", 8 / 255) == "linf_0.0314" and point_key("l2", 0.25) == "l2_0.25"
 
 
@@ -437,33 +446,18 @@ def test_success_and_transfer_rates_count_the_right_predictions():
 # ----------------------------------------------------------------------- real CIFAR-10 and torchattacks
 
 
-class _Normalize(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
 @pytest.fixture(scope="module")
-def cifar_cnn():
+def cifar_cnn(cifar):
     """A small CNN trained for one epoch on 20k real CIFAR-10 images (~40% test accuracy), and 500 test
-    images in [0, 1]."""
-    root = Path(os.environ.get("BOF_DATA_DIR", "/work/shared/data"))
-    if not (root / "cifar-10-batches-bin").is_dir() and not (root / "cifar-10-batches-py").is_dir():
-        pytest.skip(f"CIFAR-10 not found under {root} (set BOF_DATA_DIR)")
-    from datamodules.cifar10 import load_cifar10
-
-    train_x, train_y, test_x, test_y = load_cifar10(root)
+    images in [0, 1]. ``cifar`` (conftest.py) holds the real arrays from $BOF_DATA_DIR."""
+    train_x, train_y, test_x, test_y = cifar
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = nn.Sequential(_Normalize(), *block(3, 32), *block(32, 64), *block(64, 128),
+        model = nn.Sequential(Normalize(MEAN, STD), *block(3, 32), *block(32, 64), *block(64, 128),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))  # fmt: skip
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         x, y = train_x[:20000].float() / 255, train_y[:20000]
@@ -487,7 +481,7 @@ def test_pgd_is_at_least_as_strong_as_torchattacks_on_cifar10(cifar_cnn, norm, e
 
     attack_class = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
     theirs = attack_class(model, eps=eps, alpha=step_size, steps=10, random_start=False)
-    timings, accuracy = {}, {}
+    timings, accuracy, adversarial = {}, {}, {}
     kw = dict(norm=norm, eps=eps, step_size=step_size, steps=10)
     runs = {
         "torchattacks": lambda: theirs(x, y),
@@ -496,13 +490,16 @@ def test_pgd_is_at_least_as_strong_as_torchattacks_on_cifar10(cifar_cnn, norm, e
     }
     for name, run in runs.items():
         start = time.perf_counter()
-        x_adv = run()
+        adversarial[name] = run()
         timings[name] = time.perf_counter() - start
-        accuracy[name] = _accuracy(model, x_adv, y)
+        accuracy[name] = _accuracy(model, adversarial[name], y)
     print(f"\n{norm} eps={eps:.4g}: clean {clean:.1%}; robust accuracy "
           + ", ".join(f"{k} {accuracy[k]:.1%} ({timings[k]:.2f}s)" for k in runs))  # fmt: skip
 
     assert accuracy["torchattacks"] < clean - 0.1  # the comparison is not vacuous
+    # Without use_best our steps are torchattacks' steps: the examples agree up to float rounding.
+    same = ((adversarial["ours_last"] - adversarial["torchattacks"]).flatten(1).abs().amax(1) < 1e-4).float()
+    assert same.mean() >= 0.9
     for name in ("ours_last", "ours_best"):
         assert accuracy[name] <= accuracy["torchattacks"] + 0.01, f"{name} is weaker than torchattacks"
     # robust_accuracy (clean-correct AND attacked-correct) can only be lower than accuracy on the attack.
@@ -512,13 +509,14 @@ def test_pgd_is_at_least_as_strong_as_torchattacks_on_cifar10(cifar_cnn, norm, e
 
 def test_bf16_autocast_and_channels_last_match_fp32_success(cifar_cnn):
     model, x, y = cifar_cnn
-    x, y = x[:100], y[:100]
-    kw = dict(norm="l2", eps=0.15, step_size=0.05, steps=5)
+    correct = predict(model, x) == y
+    x, y = x[correct][:100], y[correct][:100]  # success then means the attack flipped the prediction
+    kw = dict(norm="l2", eps=0.3, step_size=0.075, steps=5)
     fp32 = pgd(model, x, y, **kw)
     bf16 = pgd(model, x, y, autocast_dtype=torch.bfloat16, channels_last=True, **kw)
-    assert bf16.dtype == torch.float32 and bf16.is_contiguous()
-    assert (bf16 - x).flatten(1).norm(dim=1).max() <= 0.15 * (1 + 1e-5)
+    assert bf16.dtype == torch.float32 and bf16.is_contiguous()  # the iterate itself stays fp32
+    assert (bf16 - x).flatten(1).norm(dim=1).max() <= 0.3 * (1 + 1e-5)
     rate32 = attack_success_rate(model, fp32, y, targeted=False)
     rate16 = attack_success_rate(model, bf16, y, targeted=False)
-    assert 0.2 < rate32 < 0.9  # an eps where the success rate can actually differ
+    assert 0.2 < rate32 < 0.8  # an eps where the two success rates could differ
     assert abs(rate16 - rate32) <= 0.05, f"bf16 success {rate16:.2f} vs fp32 {rate32:.2f}"

@@ -1,0 +1,150 @@
+"""Accuracy under attack, logged to every attached logger (CSV, TensorBoard, wandb).
+
+Validation: every ``every_n_epochs``, robust accuracy on a fixed seeded validation subset, as
+``val/robust_acc/<norm>_<eps>``. Test: the full sweep over the test set, logged as ``test/robust_acc/...``,
+written as ``robust_accuracy.json`` and ``robust_accuracy.png`` next to the run, and sent to TensorBoard and
+wandb as a figure. Under DDP every rank attacks its own contiguous shard (no padded duplicates) and the
+counts are summed, so the numbers equal a single-device run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_info
+
+from attacks import point_key, robust_accuracy
+from datamodules.base import world_info
+
+Point = tuple[str, float]
+
+
+def parse_points(points: Sequence) -> list[Point]:
+    """``["l2:0.25", ["linf", 0.0314]]`` -> ``[("l2", 0.25), ("linf", 0.0314)]``; eps may be ``8/255``."""
+    parsed = []
+    for p in points:
+        norm, eps = p.split(":") if isinstance(p, str) else p
+        if isinstance(eps, str):
+            num, _, den = eps.partition("/")
+            eps = float(num) / float(den or 1)
+        parsed.append((str(norm).lower(), float(eps)))
+    return parsed
+
+
+def as_float_images(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+class RobustAccuracy(pl.Callback):
+    """Robust accuracy during validation (subset) and test (full sweep, table, plot)."""
+
+    def __init__(self, val_points: Sequence = ("l2:0.25",), test_points: Sequence = (
+                     "l2:0", "l2:0.25", "l2:0.5", "l2:1.0", "linf:0", "linf:2/255", "linf:4/255", "linf:8/255"),
+                 every_n_epochs: int = 1, val_examples: int = 500, test_examples: int | None = None,
+                 val_steps: int = 10, test_steps: int = 20, batch_size: int = 250, seed: int = 0) -> None:
+        """
+        Args:
+            val_points: (norm, eps) points evaluated during validation, as ``"l2:0.25"`` or ``"linf:8/255"``.
+            test_points: the sweep evaluated at test time (eps 0 is the clean accuracy).
+            every_n_epochs: validation evaluation frequency.
+            val_examples: size of the fixed, seeded validation subset.
+            test_examples: number of test examples in the sweep (default: all).
+            val_steps: PGD steps during validation (step size 2.5 * eps / steps).
+            test_steps: PGD steps of the test sweep.
+            batch_size: attack batch size per device.
+            seed: seed of the validation subset.
+        """
+        self.val_points, self.test_points = parse_points(val_points), parse_points(test_points)
+        self.every_n_epochs, self.val_examples, self.test_examples = every_n_epochs, val_examples, test_examples
+        self.val_steps, self.test_steps, self.batch_size, self.seed = val_steps, test_steps, batch_size, seed
+        self.results: dict[str, float] = {}
+
+    def _examples(self, trainer: pl.Trainer, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = getattr(trainer.datamodule, split)
+        if limit is not None and limit < len(y):
+            keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))[:limit].sort().values
+            x, y = x[keep], y[keep]
+        rank, world = world_info()
+        return x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+
+    def _measure(self, trainer, pl_module, split: str, points: list[Point], limit, steps: int) -> dict[str, float]:
+        x, y = self._examples(trainer, split, limit)
+        bf16 = str(trainer.precision).startswith("bf16")
+        acc = robust_accuracy(pl_module.model, as_float_images(x), y, points, steps=steps, batch_size=self.batch_size,
+                              autocast_dtype=torch.bfloat16 if bf16 else None,
+                              channels_last=bool(pl_module.hparams.get("channels_last", False)))
+        # Sum correct counts over ranks (shards are disjoint and unpadded), then divide by the total size.
+        counts = torch.tensor([[acc[point_key(*p)] * len(y) for p in points] + [len(y)]], dtype=torch.float64,
+                              device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")[0]
+        return {point_key(*p): (counts[i] / counts[-1]).item() for i, p in enumerate(points)}
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        acc = self._measure(trainer, pl_module, "val", self.val_points, self.val_examples, self.val_steps)
+        for key, value in acc.items():
+            pl_module.log(f"val/robust_acc/{key}", value)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.results = self._measure(trainer, pl_module, "test", self.test_points, self.test_examples,
+                                     self.test_steps)
+        for key, value in self.results.items():
+            pl_module.log(f"test/robust_acc/{key}", value)
+        if trainer.is_global_zero:
+            self._report(trainer)
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [{"norm": n, "eps": e, "robust_acc": self.results[point_key(n, e)]} for n, e in self.test_points]
+        write_atomic(out / "robust_accuracy.json", json.dumps({"steps": self.test_steps, "rows": rows}, indent=1))
+        rank_zero_info("accuracy under attack:\n" + "\n".join(
+            f"  {r['norm']:>4} eps={r['eps']:.4f}  {100 * r['robust_acc']:6.2f}%" for r in rows))
+        figure = accuracy_vs_eps_figure(rows)
+        figure.savefig(out / "robust_accuracy.tmp.png", dpi=100)
+        os.replace(out / "robust_accuracy.tmp.png", out / "robust_accuracy.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("test/robust_accuracy", figure, trainer.global_step)
+                logger.experiment.add_text("test/robust_accuracy_table", markdown_table(rows), trainer.global_step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("test/robust_accuracy", [str(out / "robust_accuracy.png")])
+                logger.log_table("test/robust_accuracy_table", columns=list(rows[0]),
+                                 data=[list(r.values()) for r in rows])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| norm | eps | robust acc |", "|---|---|---|"]
+    lines += [f"| {r['norm']} | {r['eps']:.4f} | {100 * r['robust_acc']:.2f}% |" for r in rows]
+    return "\n".join(lines)
+
+
+def accuracy_vs_eps_figure(rows: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norms = sorted({r["norm"] for r in rows})
+    fig, axes = plt.subplots(1, len(norms), figsize=(4 * len(norms), 3.2), squeeze=False)
+    for ax, norm in zip(axes[0], norms, strict=True):
+        pts = sorted((r["eps"], r["robust_acc"]) for r in rows if r["norm"] == norm)
+        ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o")
+        ax.set(xlabel=f"{norm} eps", ylabel="accuracy (%)", ylim=(0, 100), title=f"accuracy under {norm} PGD")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
