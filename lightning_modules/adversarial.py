@@ -16,7 +16,7 @@ class AdversarialModule(ClassifierModule):
 
     def __init__(self, *args, attack: str = "pgd", norm: str = "l2", eps: float = 0.5, step_size: float = 0.1,
                  steps: int = 7, random_start: bool | str = False, use_best: bool = True,
-                 fgsm_alpha: float | None = None, **kwargs) -> None:
+                 fgsm_alpha: float | None = None, clean_acc_every: int = 10, **kwargs) -> None:
         """
         Args:
             attack: ``pgd`` (Madry et al.) or ``fgsm_rs`` (one FGSM step from a uniform random start).
@@ -27,6 +27,7 @@ class AdversarialModule(ClassifierModule):
             random_start: PGD random start: False, True/"ball" (uniform in the ball) or "sphere".
             use_best: PGD returns each example's best-loss iterate (the robustness library's default).
             fgsm_alpha: FGSM step for ``fgsm_rs`` (default 1.25 * eps, as Wong et al.).
+            clean_acc_every: measure clean training accuracy (an extra forward pass) every this many batches.
         """
         super().__init__(*args, **kwargs)
         if attack not in ATTACKS:
@@ -42,7 +43,8 @@ class AdversarialModule(ClassifierModule):
                             channels_last=hp.channels_last)
         else:
             x_adv = self.attack.run(self.model, x, y, channels_last=hp.channels_last)
-        with torch.no_grad(), eval_mode(self.model):  # clean accuracy, without touching BatchNorm statistics
-            clean_acc = (self(x).argmax(1) == y).float().mean()
-        self.log("train/clean_acc", clean_acc, prog_bar=True)
+        if self.global_step % self.hparams.clean_acc_every == 0:
+            with torch.no_grad(), eval_mode(self.model):  # eval mode: leave the BatchNorm statistics alone
+                clean_acc = (self(x).argmax(1) == y).float().mean()
+            self.log("train/clean_acc", clean_acc, prog_bar=True)
         return x_adv

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
+from rich.progress import track
 
 from attacks import point_key, robust_accuracy
 from datamodules.base import world_info
@@ -76,9 +77,11 @@ class RobustAccuracy(pl.Callback):
     def _measure(self, trainer, pl_module, split: str, points: list[Point], limit, steps: int) -> dict[str, float]:
         x, y = self._examples(trainer, split, limit)
         bf16 = str(trainer.precision).startswith("bf16")
-        acc = robust_accuracy(pl_module.model, as_float_images(x), y, points, steps=steps, batch_size=self.batch_size,
-                              autocast_dtype=torch.bfloat16 if bf16 else None,
-                              channels_last=bool(pl_module.hparams.get("channels_last", False)))
+        options = dict(steps=steps, batch_size=self.batch_size, autocast_dtype=torch.bfloat16 if bf16 else None,
+                       channels_last=bool(pl_module.hparams.get("channels_last", False)))
+        acc = {}
+        for point in track(points, description=f"{split} accuracy under attack", disable=not trainer.is_global_zero):
+            acc.update(robust_accuracy(pl_module.model, as_float_images(x), y, [point], **options))
         # Sum correct counts over ranks (shards are disjoint and unpadded), then divide by the total size.
         counts = torch.tensor([[acc[point_key(*p)] * len(y) for p in points] + [len(y)]], dtype=torch.float64,
                               device=pl_module.device)

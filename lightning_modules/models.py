@@ -103,10 +103,13 @@ def vgg16_body(in_channels: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), 512
 
 
-def fast_cnn_body(in_channels: int, widths: Sequence[int] = (64, 128, 256)) -> tuple[nn.Module, int]:
-    """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU."""
-    layers: list[nn.Module] = [*conv_bn(in_channels, widths[0] // 2), nn.GELU()]
-    c_in = widths[0] // 2
+def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128)) -> tuple[nn.Module, int]:
+    """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU.
+
+    No separate stem: normalising/activating full-resolution maps costs more than it gives on a CPU.
+    """
+    layers: list[nn.Module] = []
+    c_in = in_channels
     for width in widths:
         layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width),
                    nn.GELU(), *conv_bn(width, width), nn.GELU()]

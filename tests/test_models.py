@@ -3,7 +3,7 @@ import torch
 
 from lightning_modules.models import ARCHITECTURES, Normalize, build_model
 
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 256}
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 128}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -1,0 +1,132 @@
+"""The on-disk cache of a constructed dataset: one directory per key, shards in safetensors, JSON beside them.
+
+```
+<cache_dir>/<recipe name>-<key>/
+    shard_00000.safetensors   x (float32), y, index, label, stat.* of examples [0, shard_size)
+    shard_00000.json          its sha256, size, timing and statistic sums; written after the shard
+    ...
+    manifest.json             config, sources, every shard's sha256, summary statistics; written last
+    examples.png              originals above, constructed images below
+```
+Every file is written under a temporary name and renamed, so a reader sees whole files or none. A shard
+counts as finished only when its JSON exists and the sha256 of its bytes matches; anything else is
+regenerated (with a warning if a file was there), never used. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+FORMAT = 1  # bump when the layout or the meaning of a key field changes
+MANIFEST = "manifest.json"
+
+
+class CacheWarning(UserWarning):
+    """A cached file was corrupt, partial or stale and is being rebuilt."""
+
+
+def cache_key(description: dict) -> str:
+    """16 hex digits of the sha256 of the canonical JSON of everything that determines the data."""
+    canonical = json.dumps({"format": FORMAT, **description}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def tensor_sha256(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str((t.dtype, tuple(t.shape))).encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None if missing, with a CacheWarning if unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+        return obj
+    except (OSError, ValueError) as err:
+        warnings.warn(f"{path} is unreadable ({err}); rebuilding it", CacheWarning, stacklevel=2)
+        return None
+
+
+class ShardStore:
+    """The files of one cache directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    def shard_path(self, i: int) -> Path:
+        return self.dir / f"shard_{i:05d}.safetensors"
+
+    def info_path(self, i: int) -> Path:
+        return self.dir / f"shard_{i:05d}.json"
+
+    def write_shard(self, i: int, tensors: dict[str, torch.Tensor], info: dict) -> dict:
+        """Write shard ``i``, then its JSON (with the sha256 of the shard's bytes); returns the JSON."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
+        info = {**info, "file": self.shard_path(i).name, "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data)}
+        write_bytes_atomic(self.shard_path(i), data)
+        write_json_atomic(self.info_path(i), info)
+        return info
+
+    def record(self, i: int) -> dict | None:
+        """The JSON of shard ``i`` (not checked against the shard's bytes)."""
+        return read_json(self.info_path(i))
+
+    def finished_shard(self, i: int) -> dict | None:
+        """The JSON of shard ``i`` if the shard is finished and intact, else None (CacheWarning if damaged)."""
+        path, info = self.shard_path(i), read_json(self.info_path(i))
+        if info is None:
+            if path.exists():
+                warnings.warn(f"{path} has no record (interrupted write?); regenerating it", CacheWarning,
+                              stacklevel=2)
+            return None
+        if not path.is_file():
+            warnings.warn(f"{path} is missing; regenerating it", CacheWarning, stacklevel=2)
+            return None
+        if (actual := hashlib.sha256(path.read_bytes()).hexdigest()) != info.get("sha256"):
+            warnings.warn(f"{path} is corrupt (sha256 {actual[:12]}..., recorded {str(info.get('sha256'))[:12]}"
+                          "...); regenerating it", CacheWarning, stacklevel=2)
+            return None
+        return info
+
+    def read_shard(self, i: int, sha256: str) -> dict[str, torch.Tensor]:
+        """Shard ``i``'s tensors, after checking its bytes against ``sha256`` (from the manifest)."""
+        data = self.shard_path(i).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise RuntimeError(f"{self.shard_path(i)} changed after it was verified (another process writing "
+                               "the same cache?); run again to rebuild it")
+        return load_safetensors(data)
+
+    def read_manifest(self) -> dict | None:
+        return read_json(self.dir / MANIFEST)
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_json_atomic(self.dir / MANIFEST, manifest)

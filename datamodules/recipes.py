@@ -1,0 +1,191 @@
+"""Recipes of the constructed datasets: what happens to one batch of training images.
+
+A recipe maps ``(source models, Batch) -> RecipeOutput(x_new, y_new, stats)``. Everything else (sharding,
+per-example seeds, the cache, resume, logging) is the engine's job (``datamodules/constructed/``), so a new
+dataset is one small class here. Each example's randomness comes from its own generator
+(``Batch.generators``), seeded from the generation seed and the example's index in the original training
+set: a recipe never draws from a shared stream, so the output does not depend on batching or world size.
+
+- ``RelabelByAttack``: D_rand / D_det (Ilyas et al. Sec. 3.2), targeted L2 PGD, label = target.
+- ``RepresentationInversion``: D_R / D_NR (Ilyas et al. Sec. 3.1), match the source's representation
+  starting from another training image, label = original label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks import pgd
+
+TARGET_RULES = ("random", "shift")
+
+
+@dataclass
+class Batch:
+    """One generation batch. Tensors without a note live on the generation device."""
+
+    x: Tensor  # clean images [B, C, H, W], float in [0, 1]
+    y: Tensor  # true labels [B]
+    indices: Tensor  # (CPU) indices of the examples in the original training set
+    positions: Tensor  # (CPU) positions in ``pool``, the training set being constructed
+    generators: list[torch.Generator]  # (CPU) one per example, seeded from (seed, original index)
+    pool: Tensor  # (CPU) every image of the training set being constructed (uint8 or float)
+    num_classes: int
+    autocast_dtype: torch.dtype | None = None  # forward numerics (None: fp32)
+    channels_last: bool = False
+
+
+class RecipeOutput(NamedTuple):
+    x: Tensor  # constructed images [B, C, H, W], float in [0, 1]
+    y: Tensor  # their labels [B]
+    stats: dict[str, Tensor]  # per-example float statistics [B]; the engine stores them and reports means
+
+
+def as_float_images(x: Tensor) -> Tensor:
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def autocast(batch: Batch, device: torch.device):
+    if batch.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=batch.autocast_dtype)
+
+
+def l2_distance(a: Tensor, b: Tensor) -> Tensor:
+    return (a - b).flatten(1).norm(dim=1)
+
+
+class Recipe:
+    """Base class. Subclasses set ``name`` and ``steps``, keep their constructor arguments in ``self._config``
+    and implement ``__call__``.
+
+    ``config()`` enters the cache key together with ``name``, so two recipes with equal name and config must
+    produce the same data (bump the name if a code change alters the output).
+    """
+
+    name: str = "recipe"
+    steps: int = 0  # gradient steps per image, for the throughput in image-steps per second
+
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def describe(self) -> dict:
+        """A plain, JSON-able description (for hyperparameters and the manifest)."""
+        return {"name": self.name, **self.config()}
+
+    def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
+
+    @staticmethod
+    def _single(sources: Sequence[nn.Module], name: str) -> nn.Module:
+        if len(sources) != 1:
+            raise ValueError(f"{name} uses exactly one source checkpoint, got {len(sources)}")
+        return sources[0]
+
+
+class RelabelByAttack(Recipe):
+    """D_rand / D_det: targeted L2 PGD towards a target t from a standard model; the new label is t."""
+
+    name = "relabel_by_attack"
+
+    def __init__(self, targets: str = "random", eps: float = 0.5, step_size: float = 0.1, steps: int = 100,
+                 use_best: bool = True, shift: int = 1) -> None:
+        """
+        Args:
+            targets: ``random`` (D_rand: t uniform over all classes, t may equal y) or ``shift``
+                (D_det: t = (y + shift) mod C).
+            eps: L2 radius of the perturbation, in [0, 1] pixel units (paper: 0.5).
+            step_size: length of each L2-normalised step (paper: 0.1).
+            steps: PGD steps (paper: 100); no random start, as the robustness library.
+            use_best: keep each example's lowest-loss iterate (the robustness library's default).
+            shift: the class shift of ``targets="shift"``.
+        """
+        if targets not in TARGET_RULES:
+            raise ValueError(f"unknown target rule {targets!r}; choose one of {TARGET_RULES}")
+        self.targets, self.eps, self.step_size, self.steps = targets, eps, step_size, steps
+        self.use_best, self.shift = use_best, shift
+        self._config = {"targets": targets, "eps": eps, "step_size": step_size, "steps": steps,
+                        "use_best": use_best, **({"shift": shift} if targets == "shift" else {})}
+
+    def choose_targets(self, y: Tensor, generators: Sequence[torch.Generator], num_classes: int) -> Tensor:
+        """Targets on y's device; random ones drawn on the CPU from each example's own generator."""
+        if self.targets == "shift":
+            return (y + self.shift) % num_classes
+        drawn = [int(torch.randint(num_classes, (1,), generator=g)) for g in generators]
+        return torch.tensor(drawn, dtype=torch.long).to(y.device)
+
+    def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
+        model = self._single(sources, self.name)
+        t = self.choose_targets(batch.y, batch.generators, batch.num_classes)
+        x_adv = pgd(model, batch.x, t, norm="l2", eps=self.eps, step_size=self.step_size, steps=self.steps,
+                    targeted=True, random_start=False, use_best=self.use_best,
+                    autocast_dtype=batch.autocast_dtype, channels_last=batch.channels_last)
+        with torch.no_grad(), autocast(batch, x_adv.device):
+            logits = model(x_adv).float()
+        stats = {
+            "attack_success": (logits.argmax(1) == t).float(),
+            "target_loss": F.cross_entropy(logits, t, reduction="none"),  # NaN here means a broken model
+            "perturbation_l2": l2_distance(x_adv, batch.x),
+        }
+        return RecipeOutput(x_adv, t, stats)
+
+
+def other_positions(positions: Tensor, generators: Sequence[torch.Generator], pool_size: int) -> Tensor:
+    """For each example, a uniformly random position in the pool other than its own (independent of labels)."""
+    if pool_size < 2:
+        raise ValueError("representation inversion needs at least two training images to start from")
+    drawn = torch.tensor([int(torch.randint(pool_size - 1, (1,), generator=g)) for g in generators])
+    return drawn + (drawn >= positions).long()  # skip the example itself
+
+
+class RepresentationInversion(Recipe):
+    """D_R / D_NR: from a random other training image, descend ``||g(z) - g(x)|| / ||g(x)||`` over z in
+    [0, 1]^d with L2-normalised steps (g = the source's penultimate representation); the label stays y."""
+
+    name = "representation_inversion"
+
+    def __init__(self, step_size: float = 0.1, steps: int = 1000, use_best: bool = True) -> None:
+        """
+        Args:
+            step_size: length of each L2-normalised gradient step (paper reproductions: 0.1).
+            steps: gradient steps (paper reproductions: 1000).
+            use_best: keep each example's iterate with the smallest representation distance.
+        """
+        self.step_size, self.steps, self.use_best = step_size, steps, use_best
+        self._config = {"step_size": step_size, "steps": steps, "use_best": use_best}
+
+    def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
+        model = self._single(sources, self.name)
+        device = batch.x.device
+        start = as_float_images(batch.pool[other_positions(batch.positions, batch.generators, len(batch.pool))])
+        start = start.to(device)
+        with torch.no_grad(), autocast(batch, device):
+            goal = model.features(batch.x).float()
+        # Normalising by ||g(x)|| (as the authors' code does) leaves normalised steps unchanged and makes the
+        # reported distance comparable between models.
+        scale = goal.norm(dim=1).clamp_min(1e-12)
+
+        def relative_distance(m: nn.Module, z: Tensor, target: Tensor) -> Tensor:
+            return (m.features(z).float() - target).norm(dim=1) / scale
+
+        z = pgd(model, start, goal, norm="l2", eps=math.inf, step_size=self.step_size, steps=self.steps,
+                targeted=True, random_start=False, use_best=self.use_best, loss_fn=relative_distance,
+                autocast_dtype=batch.autocast_dtype, channels_last=batch.channels_last)
+        with torch.no_grad(), autocast(batch, device):
+            stats = {
+                "representation_distance": relative_distance(model, z, goal),
+                "start_distance": relative_distance(model, start, goal),
+                "perturbation_l2": l2_distance(z, batch.x),  # how far the result is from the original image
+            }
+        return RecipeOutput(z, batch.y.clone(), stats)
