@@ -20,6 +20,11 @@ from datamodules.files import resolve_data_dir
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
+def as_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float images (constructed datasets) pass through as float32."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
 def world_info() -> tuple[int, int]:
     """(rank, world size) of the current process; (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():
@@ -144,7 +149,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
         x, y = batch
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        x = as_float_images(x)
         if self.augment and self.trainer is not None and self.trainer.training:
             x = random_crop_flip(x, self.crop_padding, self.flip)
         return x, y

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks import pgd
+from datamodules.base import as_float_images
 
 TARGET_RULES = ("random", "shift")
 
@@ -47,10 +48,6 @@ class RecipeOutput(NamedTuple):
     x: Tensor  # constructed images [B, C, H, W], float in [0, 1]
     y: Tensor  # their labels [B]
     stats: dict[str, Tensor]  # per-example float statistics [B]; the engine stores them and reports means
-
-
-def as_float_images(x: Tensor) -> Tensor:
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
 def autocast(batch: Batch, device: torch.device):

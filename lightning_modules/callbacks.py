@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from rich.progress import track
 
 from attacks import point_key, robust_accuracy
-from datamodules.base import world_info
+from datamodules.base import as_float_images, world_info
 
 Point = tuple[str, float]
 
@@ -38,17 +38,14 @@ def parse_points(points: Sequence) -> list[Point]:
     return parsed
 
 
-def as_float_images(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-
 class RobustAccuracy(pl.Callback):
     """Robust accuracy during validation (subset) and test (full sweep, table, plot)."""
 
     def __init__(self, val_points: Sequence = ("l2:0.25",), test_points: Sequence = (
                      "l2:0", "l2:0.25", "l2:0.5", "l2:1.0", "linf:0", "linf:2/255", "linf:4/255", "linf:8/255"),
                  every_n_epochs: int = 1, val_examples: int = 500, test_examples: int | None = None,
-                 val_steps: int = 10, test_steps: int = 20, batch_size: int = 250, seed: int = 0) -> None:
+                 val_steps: int = 10, test_steps: int = 20, batch_size: int = 250, seed: int = 0,
+                 autoattack_points: Sequence = (), autoattack_examples: int = 1000) -> None:
         """
         Args:
             val_points: (norm, eps) points evaluated during validation, as ``"l2:0.25"`` or ``"linf:8/255"``.
@@ -60,10 +57,15 @@ class RobustAccuracy(pl.Callback):
             test_steps: PGD steps of the test sweep.
             batch_size: attack batch size per device.
             seed: seed of the validation subset.
+            autoattack_points: optional evaluation of record at test time with AutoAttack (standard version),
+                logged as ``test/autoattack_torchattacks/<norm>_<eps>``: it is torchattacks' re-implementation,
+                not the reference code (results can differ slightly). Needs ``pip install torchattacks``.
+            autoattack_examples: number of test examples AutoAttack runs on.
         """
         self.val_points, self.test_points = parse_points(val_points), parse_points(test_points)
         self.every_n_epochs, self.val_examples, self.test_examples = every_n_epochs, val_examples, test_examples
         self.val_steps, self.test_steps, self.batch_size, self.seed = val_steps, test_steps, batch_size, seed
+        self.autoattack_points, self.autoattack_examples = parse_points(autoattack_points), autoattack_examples
         self.results: dict[str, float] = {}
 
     def _examples(self, trainer: pl.Trainer, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +102,31 @@ class RobustAccuracy(pl.Callback):
                                      self.test_steps)
         for key, value in self.results.items():
             pl_module.log(f"test/robust_acc/{key}", value)
+        for (norm, eps), value in self._autoattack(trainer, pl_module).items():
+            pl_module.log(f"test/autoattack_torchattacks/{point_key(norm, eps)}", value)
         if trainer.is_global_zero:
             self._report(trainer)
+
+    def _autoattack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[Point, float]:
+        """Accuracy under torchattacks' AutoAttack at each requested point (summed over ranks)."""
+        if not self.autoattack_points:
+            return {}
+        try:
+            import torchattacks
+        except ImportError as err:
+            raise ImportError("autoattack_points needs torchattacks: pip install torchattacks") from err
+        x, y = self._examples(trainer, "test", self.autoattack_examples)
+        x, y = as_float_images(x).to(pl_module.device), y.to(pl_module.device)
+        model, out = pl_module.model.eval(), {}
+        for norm, eps in self.autoattack_points:
+            attack = torchattacks.AutoAttack(model, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps,
+                                             n_classes=pl_module.hparams.get("num_classes", 10), seed=self.seed)
+            correct = sum(int((model(attack(xb, yb)).argmax(1) == yb).sum())
+                          for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
+            counts = trainer.strategy.reduce(torch.tensor([correct, len(y)], dtype=torch.float64,
+                                                          device=pl_module.device), reduce_op="sum")
+            out[(norm, eps)] = (counts[0] / counts[1]).item()
+        return out
 
     def _report(self, trainer: pl.Trainer) -> None:
         out = Path(trainer.log_dir or trainer.default_root_dir)

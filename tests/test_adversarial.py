@@ -111,3 +111,12 @@ def test_bad_attack_arguments_are_explained():
         AdversarialModule(**SMALL, attack="cw")
     with pytest.raises(ValueError, match="eps"):
         AdversarialModule(**SMALL, eps=-1.0)
+
+
+def test_autoattack_of_record_is_logged_under_its_own_name(trained_small, tmp_path):
+    model, dm = trained_small
+    cb = RobustAccuracy(test_points=["l2:0", "l2:0.25"], test_examples=16, test_steps=5,
+                        autoattack_points=["l2:0.25"], autoattack_examples=16)
+    metrics = trainer(tmp_path, callbacks=[cb], limit_test_batches=1).test(model, dm, verbose=False)[0]
+    auto, pgd20 = metrics["test/autoattack_torchattacks/l2_0.25"], metrics["test/robust_acc/l2_0.25"]
+    assert 0.0 <= auto <= pgd20 + 0.05  # AutoAttack is at least about as strong as PGD

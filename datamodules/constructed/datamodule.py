@@ -9,12 +9,12 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from datamodules.base import world_info
+from datamodules.base import as_float_images, world_info
 from datamodules.cifar10 import CLASSES
 from datamodules.constructed.engine import PRECISIONS, ConstructedSet, Generation, construct
 from datamodules.constructed.sources import load_source
 from datamodules.real import CIFAR10DataModule
-from datamodules.recipes import Recipe, as_float_images
+from datamodules.recipes import Recipe
 
 GRID = "examples.png"
 

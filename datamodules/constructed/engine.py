@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from rich.progress import Progress
 
-from datamodules.base import world_info
+from datamodules.base import as_float_images, world_info
 from datamodules.constructed.sources import Source
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
-from datamodules.recipes import Batch, Recipe, RecipeOutput, as_float_images
+from datamodules.recipes import Batch, Recipe, RecipeOutput
 
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
