@@ -49,3 +49,13 @@ def check_files(folder: Path, expected_md5: dict[str, str], *, dataset: str, fix
 def missing_dataset_error(dataset: str, searched: list[Path], expected: str, fix: str) -> DatasetFilesError:
     where = ", ".join(str(p) for p in searched)
     return DatasetFilesError(f"{dataset} not found. Searched: {where}. Expected {expected}. {fix}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

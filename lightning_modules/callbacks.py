@@ -22,6 +22,7 @@ from rich.progress import track
 
 from attacks import point_key, robust_accuracy
 from datamodules.base import as_float_images, world_info
+from datamodules.files import write_bytes_atomic
 
 Point = tuple[str, float]
 
@@ -132,7 +133,8 @@ class RobustAccuracy(pl.Callback):
         out = Path(trainer.log_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         rows = [{"norm": n, "eps": e, "robust_acc": self.results[point_key(n, e)]} for n, e in self.test_points]
-        write_atomic(out / "robust_accuracy.json", json.dumps({"steps": self.test_steps, "rows": rows}, indent=1))
+        write_bytes_atomic(out / "robust_accuracy.json",
+                           json.dumps({"steps": self.test_steps, "rows": rows}, indent=1).encode())
         rank_zero_info("accuracy under attack:\n" + "\n".join(
             f"  {r['norm']:>4} eps={r['eps']:.4f}  {100 * r['robust_acc']:6.2f}%" for r in rows))
         figure = accuracy_vs_eps_figure(rows)
@@ -169,10 +171,3 @@ def accuracy_vs_eps_figure(rows: list[dict]):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from datamodules.files import write_bytes_atomic
 
 FORMAT = 1  # bump when the layout or the meaning of a key field changes
 MANIFEST = "manifest.json"
@@ -45,15 +46,6 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
         digest.update(str((t.dtype, tuple(t.shape))).encode())
         digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
