@@ -44,10 +44,11 @@ def test_attack_inside_test_and_validate_single_process(trained_small, tmp_path,
     prefix = "test" if stage == "test" else "val"
     clean = metrics["test/robust_acc/l2_0"] if stage == "test" else None
     robust = metrics[f"{prefix}/robust_acc/l2_0.25"]
-    assert 0.0 <= robust < 0.35  # a standard model loses most of its ~40% accuracy at L2 eps 0.25
+    assert 0.0 <= robust < 0.35  # a standard model loses much of its ~45% accuracy at L2 eps 0.25
     if stage == "test":
-        assert clean > 0.3 and metrics["test/robust_acc/l2_1"] <= robust <= clean
-        assert json.loads((tmp_path / "robust_accuracy.json").read_text())["rows"][1]["robust_acc"] == robust
+        assert clean > 0.3 and metrics["test/robust_acc/l2_1"] <= robust <= clean - 0.1
+        rows = json.loads((tmp_path / "robust_accuracy.json").read_text())["rows"]
+        assert rows[1]["robust_acc"] == pytest.approx(robust, abs=1e-6)
         assert (tmp_path / "robust_accuracy.png").stat().st_size > 1000
 
 
