@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 from rich.progress import track
 
-from attacks import point_key, robust_accuracy
+from attacks import eval_mode, point_key, robust_accuracy
 from datamodules.base import as_float_images, world_info
 from datamodules.files import write_bytes_atomic
 
@@ -118,12 +118,13 @@ class RobustAccuracy(pl.Callback):
             raise ImportError("autoattack_points needs torchattacks: pip install torchattacks") from err
         x, y = self._examples(trainer, "test", self.autoattack_examples)
         x, y = as_float_images(x).to(pl_module.device), y.to(pl_module.device)
-        model, out = pl_module.model.eval(), {}
+        model, out = pl_module.model, {}
         for norm, eps in self.autoattack_points:
             attack = torchattacks.AutoAttack(model, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps,
                                              n_classes=pl_module.hparams.get("num_classes", 10), seed=self.seed)
-            correct = sum(int((model(attack(xb, yb)).argmax(1) == yb).sum())
-                          for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
+            with eval_mode(model), torch.enable_grad():  # test hooks run under no_grad
+                correct = sum(int((model(attack(xb, yb)).argmax(1) == yb).sum())
+                              for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
             counts = trainer.strategy.reduce(torch.tensor([correct, len(y)], dtype=torch.float64,
                                                           device=pl_module.device), reduce_op="sum")
             out[(norm, eps)] = (counts[0] / counts[1]).item()
