@@ -87,7 +87,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def __init__(self, data_dir: str | None = None, batch_size: int = 128, eval_batch_size: int | None = None,
                  train_size: int | None = None, val_size: int = 0, augment: bool = True, crop_padding: int = 4,
-                 flip: bool = True, seed: int = 0) -> None:
+                 flip: bool = True, seed: int = 0, test_label_shift: int = 0) -> None:
         """
         Args:
             data_dir: folder holding the dataset; default ``$BOF_DATA_DIR``, else ``./data``.
@@ -100,6 +100,8 @@ class InMemoryDataModule(pl.LightningDataModule):
             crop_padding: zero padding of the random crop (0 disables cropping).
             flip: random horizontal flip.
             seed: seed of the subset, the validation split and the shuffling.
+            test_label_shift: evaluate the test set against labels (y + shift) mod C, e.g. 1 for the shifted
+                labels of D_det; validation always uses the true labels.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +109,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
         self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
+        self.test_label_shift = test_label_shift
         self.train: Split | None = None
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,7 +130,8 @@ class InMemoryDataModule(pl.LightningDataModule):
             self.val = test_x, test_y
         if self.train_size is not None:
             keep = keep[balanced_subset(train_y[keep], self.train_size, self.seed)]
-        self.train, self.test = (train_x[keep], train_y[keep]), (test_x, test_y)
+        self.train = train_x[keep], train_y[keep]
+        self.test = test_x, (test_y + self.test_label_shift) % self.num_classes
         self.train_indices = keep  # positions in the original training set, for constructed datasets
 
     def _epoch(self) -> int:

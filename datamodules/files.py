@@ -21,9 +21,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(os.environ.get(DATA_DIR_ENV, "data")).expanduser()
 
 
-def md5_of(path: Path, *, decompress: bool = False) -> str:
-    """md5 of a file's bytes (of its decompressed bytes if ``decompress``)."""
-    digest = hashlib.md5()
+def file_hash(path: Path, algorithm: str = "md5", *, decompress: bool = False) -> str:
+    """Hex digest of a file's bytes (of its decompressed bytes if ``decompress``), read in chunks."""
+    digest = hashlib.new(algorithm)
     opener = gzip.open if decompress else open
     with opener(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -38,7 +38,7 @@ def check_files(folder: Path, expected_md5: dict[str, str], *, dataset: str, fix
         path = folder / name
         if not path.is_file():
             problems.append(f"missing {name}")
-        elif (actual := md5_of(path)) != md5:
+        elif (actual := file_hash(path)) != md5:
             problems.append(f"corrupt {name} (md5 {actual}, expected {md5})")
     if problems:
         raise DatasetFilesError(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.files import DatasetFilesError, md5_of, missing_dataset_error
+from datamodules.files import DatasetFilesError, file_hash, missing_dataset_error
 
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -72,7 +72,7 @@ def load_idx_dataset(
         raise missing_dataset_error(name, folders, f"the IDX files {', '.join(stems)} (plain or .gz)", FIX[name])
     if verify:
         for stem, path in paths.items():
-            actual = md5_of(path, decompress=path.suffix == ".gz")
+            actual = file_hash(path, decompress=path.suffix == ".gz")
             if actual != CONTENT_MD5[name][stem]:
                 raise DatasetFilesError(
                     f"{name}: corrupt {path} (content md5 {actual}, expected {CONTENT_MD5[name][stem]}). {FIX[name]}"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from datamodules.constructed.datamodule import shift_labels
 from datamodules.files import DatasetFilesError
 from datamodules.real import CIFAR10DataModule
 
@@ -62,15 +61,14 @@ def load_released(folder: str | Path, num_classes: int = 10) -> tuple[torch.Tens
 class ReleasedDataModule(CIFAR10DataModule):
     """Train on one of the authors' released constructed datasets; test on the real CIFAR-10 test set."""
 
-    def __init__(self, folder: str, *, test_label_shift: int = 0, **kwargs) -> None:
+    def __init__(self, folder: str, **kwargs) -> None:
         """
         Args:
             folder: the dataset folder (holding ``CIFAR_ims`` and ``CIFAR_lab``); a relative path is looked up
                 under ``data_dir`` if it is not found as given.
-            test_label_shift: evaluate the test set against labels (y + shift) mod C (1 for D_det).
         """
         super().__init__(**kwargs)
-        self.folder, self.test_label_shift = Path(folder), test_label_shift
+        self.folder = Path(folder)
 
     def load(self):
         folder = self.folder
@@ -78,4 +76,4 @@ class ReleasedDataModule(CIFAR10DataModule):
             folder = self.data_dir / folder
         x, y = load_released(folder, self.num_classes)
         _, _, test_x, test_y = super().load()
-        return (x, y, *shift_labels((test_x, test_y), self.test_label_shift, self.num_classes))
+        return x, y, test_x, test_y

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks import AttackConfig, check_attack_args, eval_mode, fgsm_rs
+from attacks import AttackConfig, eval_mode, fgsm_rs
 from lightning_modules.classifier import ClassifierModule
 
 ATTACKS = ("pgd", "fgsm_rs")
@@ -32,9 +32,8 @@ class AdversarialModule(ClassifierModule):
         super().__init__(*args, **kwargs)
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
-        check_attack_args(norm, eps, step_size, steps, random_start)
+        self.attack = AttackConfig(norm, eps, step_size, steps, random_start, use_best)  # validates them
         self.save_hyperparameters()
-        self.attack = AttackConfig(norm, eps, step_size, steps, random_start, use_best)
 
     def training_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
@@ -43,7 +42,7 @@ class AdversarialModule(ClassifierModule):
                             channels_last=hp.channels_last)
         else:
             x_adv = self.attack.run(self.model, x, y, channels_last=hp.channels_last)
-        if self.global_step % self.hparams.clean_acc_every == 0:
+        if self.global_step % hp.clean_acc_every == 0:
             with torch.no_grad(), eval_mode(self.model):  # eval mode: leave the BatchNorm statistics alone
                 clean_acc = (self(x).argmax(1) == y).float().mean()
             self.log("train/clean_acc", clean_acc, prog_bar=True)

@@ -85,11 +85,8 @@ class RobustAccuracy(pl.Callback):
         acc = {}
         for point in track(points, description=f"{split} accuracy under attack", disable=not trainer.is_global_zero):
             acc.update(robust_accuracy(pl_module.model, as_float_images(x), y, [point], **options))
-        # Sum correct counts over ranks (shards are disjoint and unpadded), then divide by the total size.
-        counts = torch.tensor([[acc[point_key(*p)] * len(y) for p in points] + [len(y)]], dtype=torch.float64,
-                              device=pl_module.device)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")[0]
-        return {point_key(*p): (counts[i] / counts[-1]).item() for i, p in enumerate(points)}
+        fractions = global_fractions(trainer, pl_module.device, [acc[point_key(*p)] * len(y) for p in points], len(y))
+        return {point_key(*p): f for p, f in zip(points, fractions, strict=True)}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -118,17 +115,15 @@ class RobustAccuracy(pl.Callback):
             raise ImportError("autoattack_points needs torchattacks: pip install torchattacks") from err
         x, y = self._examples(trainer, "test", self.autoattack_examples)
         x, y = as_float_images(x).to(pl_module.device), y.to(pl_module.device)
-        model, out = pl_module.model, {}
+        model, correct = pl_module.model, []
         for norm, eps in self.autoattack_points:
             attack = torchattacks.AutoAttack(model, norm={"l2": "L2", "linf": "Linf"}[norm], eps=eps,
                                              n_classes=pl_module.hparams.get("num_classes", 10), seed=self.seed)
             with eval_mode(model), torch.enable_grad():  # test hooks run under no_grad
-                correct = sum(int((model(attack(xb, yb)).argmax(1) == yb).sum())
-                              for xb, yb in zip(x.split(self.batch_size), y.split(self.batch_size), strict=True))
-            counts = trainer.strategy.reduce(torch.tensor([correct, len(y)], dtype=torch.float64,
-                                                          device=pl_module.device), reduce_op="sum")
-            out[(norm, eps)] = (counts[0] / counts[1]).item()
-        return out
+                correct.append(sum(int((model(attack(xb, yb)).argmax(1) == yb).sum()) for xb, yb in
+                                   zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)))
+        fractions = global_fractions(trainer, pl_module.device, correct, len(y))
+        return dict(zip(self.autoattack_points, fractions, strict=True))
 
     def _report(self, trainer: pl.Trainer) -> None:
         out = Path(trainer.log_dir or trainer.default_root_dir)
@@ -149,6 +144,14 @@ class RobustAccuracy(pl.Callback):
                 logger.log_image("test/robust_accuracy", [str(out / "robust_accuracy.png")])
                 logger.log_table("test/robust_accuracy_table", columns=list(rows[0]),
                                  data=[list(r.values()) for r in rows])
+
+
+def global_fractions(trainer: pl.Trainer, device: torch.device, counts: list[float], n: int) -> list[float]:
+    """Per-rank correct counts over ``n`` local examples -> global fractions. The shards are disjoint and
+    unpadded, so summing counts and sizes over ranks gives exactly the single-device numbers."""
+    totals = torch.tensor([*counts, n], dtype=torch.float64, device=device)
+    totals = trainer.strategy.reduce(totals, reduce_op="sum")
+    return (totals[:-1] / totals[-1]).tolist()
 
 
 def markdown_table(rows: list[dict]) -> str:

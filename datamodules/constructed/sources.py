@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from datamodules.files import file_hash
 
 MODEL_PREFIX = "model."  # ClassifierModule keeps its network in ``self.model``
 BUILD_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "arch_kwargs")
@@ -25,14 +26,6 @@ class Source:
 
     def describe(self) -> dict:
         return {"path": self.path, "sha256": self.sha256, **self.hparams}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_source(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
@@ -72,4 +65,4 @@ def load_source(path: str | Path, *, arch: str | None = None, num_classes: int |
         raise ValueError(f"the weights in {path} do not fit the network its hyperparameters describe "
                          f"({build}); was it trained with another version of models.py?\n{err}") from err
     model.eval().requires_grad_(False)  # attacks need input gradients only
-    return Source(str(path), file_sha256(path), build, model)
+    return Source(str(path), file_hash(path, "sha256"), build, model)
