@@ -1,5 +1,15 @@
-"""Adversarial attacks: one PGD engine (L2 / Linf, targeted or not, custom losses) and its evaluation."""
+"""Adversarial attacks: one PGD engine (L2 / Linf, targeted or not, custom losses), its evaluation, and model
+ensembles with Nakkiran's non-transferable loss."""
 
+from attacks.ensemble import (
+    BatchedEnsemble,
+    Ensemble,
+    LoopEnsemble,
+    architecture_mismatch,
+    make_ensemble,
+    nakkiran_loss,
+    transfer_report,
+)
 from attacks.evaluate import (
     attack_success_rate,
     point_key,
@@ -21,15 +31,22 @@ from attacks.pgd import (
 __all__ = [
     "NORMS",
     "AttackConfig",
+    "BatchedEnsemble",
+    "Ensemble",
+    "LoopEnsemble",
+    "architecture_mismatch",
     "attack_success_rate",
     "check_attack_args",
     "cross_entropy_loss",
     "eval_mode",
     "fgsm_rs",
+    "make_ensemble",
+    "nakkiran_loss",
     "pgd",
     "point_key",
     "predict",
     "random_delta",
     "robust_accuracy",
     "targeted_transfer_rate",
+    "transfer_report",
 ]

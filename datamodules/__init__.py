@@ -4,7 +4,7 @@ from datamodules.base import InMemoryDataModule, balanced_subset
 from datamodules.constructed import CacheWarning, ConstructedDataModule, GenerationError
 from datamodules.files import DATA_DIR_ENV, DatasetFilesError, resolve_data_dir
 from datamodules.real import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
-from datamodules.recipes import Recipe, RelabelByAttack, RepresentationInversion
+from datamodules.recipes import NonTransferableAttack, Recipe, RelabelByAttack, RepresentationInversion
 from datamodules.released import ReleasedDataModule, UnsafeFileError, load_released
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "GenerationError",
     "InMemoryDataModule",
     "MNISTDataModule",
+    "NonTransferableAttack",
     "Recipe",
     "RelabelByAttack",
     "ReleasedDataModule",

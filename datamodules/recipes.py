@@ -6,7 +6,10 @@ dataset is one small class here. Each example's randomness comes from its own ge
 (``Batch.generators``), seeded from the generation seed and the example's index in the original training
 set: a recipe never draws from a shared stream, so the output does not depend on batching or world size.
 
-- ``RelabelByAttack``: D_rand / D_det (Ilyas et al. Sec. 3.2), targeted L2 PGD, label = target.
+- ``RelabelByAttack``: D_rand / D_det (Ilyas et al. Sec. 3.2), targeted PGD (L2, or Linf with ``norm="linf"``),
+  label = target. Also Nakkiran's plain-PGD baseline (SPEC 4.2: L2 eps 2.5 or Linf eps 8/255, 10 steps).
+- ``NonTransferableAttack``: Nakkiran's D_det (SPEC 4.1-4.2), targeted PGD on the target model while an
+  ensemble of independently trained models keeps the true label; label = target.
 - ``RepresentationInversion``: D_R / D_NR (Ilyas et al. Sec. 3.1), match the source's representation
   starting from another training image, label = original label.
 """
@@ -23,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import pgd
+from attacks import check_attack_args, pgd
+from attacks.ensemble import make_ensemble, nakkiran_loss
+from attacks.pgd import LossFn
 from datamodules.base import as_float_images
 
 TARGET_RULES = ("random", "shift")
@@ -92,28 +97,35 @@ class Recipe:
 
 
 class RelabelByAttack(Recipe):
-    """D_rand / D_det: targeted L2 PGD towards a target t from a standard model; the new label is t."""
+    """D_rand / D_det: targeted PGD (L2 by default) towards a target t from a standard model; the new label is t."""
 
     name = "relabel_by_attack"
 
     def __init__(self, targets: str = "random", eps: float = 0.5, step_size: float = 0.1, steps: int = 100,
-                 use_best: bool = True, shift: int = 1) -> None:
+                 use_best: bool = True, shift: int = 1, norm: str = "l2") -> None:
         """
         Args:
             targets: ``random`` (D_rand: t uniform over all classes, t may equal y) or ``shift``
                 (D_det: t = (y + shift) mod C).
-            eps: L2 radius of the perturbation, in [0, 1] pixel units (paper: 0.5).
-            step_size: length of each L2-normalised step (paper: 0.1).
-            steps: PGD steps (paper: 100); no random start, as the robustness library.
+            eps: radius of the perturbation in [0, 1] pixel units: L2 (Ilyas: 0.5; Nakkiran: 2.5) or Linf
+                (Nakkiran: 8/255 = 0.0313725).
+            step_size: L2 length of each normalised step (Ilyas: 0.1; Nakkiran: 0.5), or Linf size of each sign
+                step (Nakkiran: 2/255 = 0.0078431).
+            steps: PGD steps (Ilyas: 100; Nakkiran: 10); no random start, as the robustness library.
             use_best: keep each example's lowest-loss iterate (the robustness library's default).
             shift: the class shift of ``targets="shift"``.
+            norm: threat model, ``l2`` (default) or ``linf``.
         """
         if targets not in TARGET_RULES:
             raise ValueError(f"unknown target rule {targets!r}; choose one of {TARGET_RULES}")
+        check_attack_args(norm, eps, step_size, steps, False, (0.0, 1.0))
         self.targets, self.eps, self.step_size, self.steps = targets, eps, step_size, steps
-        self.use_best, self.shift = use_best, shift
+        self.use_best, self.shift, self.norm = use_best, shift, norm
+        # norm enters the config (and the cache key) only when not the default, so that L2 datasets cached before
+        # the option existed keep their keys.
         self._config = {"targets": targets, "eps": eps, "step_size": step_size, "steps": steps,
-                        "use_best": use_best, **({"shift": shift} if targets == "shift" else {})}
+                        "use_best": use_best, **({"shift": shift} if targets == "shift" else {}),
+                        **({"norm": norm} if norm != "l2" else {})}
 
     def choose_targets(self, y: Tensor, generators: Sequence[torch.Generator], num_classes: int) -> Tensor:
         """Targets on y's device; random ones drawn on the CPU from each example's own generator."""
@@ -122,12 +134,14 @@ class RelabelByAttack(Recipe):
         drawn = [int(torch.randint(num_classes, (1,), generator=g)) for g in generators]
         return torch.tensor(drawn, dtype=torch.long).to(y.device)
 
-    def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
-        model = self._single(sources, self.name)
-        t = self.choose_targets(batch.y, batch.generators, batch.num_classes)
-        x_adv = pgd(model, batch.x, t, norm="l2", eps=self.eps, step_size=self.step_size, steps=self.steps,
-                    targeted=True, random_start=False, use_best=self.use_best,
-                    autocast_dtype=batch.autocast_dtype, channels_last=batch.channels_last)
+    def attack(self, model: nn.Module, batch: Batch, t: Tensor, loss_fn: LossFn | None = None) -> Tensor:
+        """Targeted PGD towards ``t`` from the clean batch, no random start (``loss_fn``: see ``attacks.pgd``)."""
+        return pgd(model, batch.x, t, norm=self.norm, eps=self.eps, step_size=self.step_size, steps=self.steps,
+                   targeted=True, random_start=False, use_best=self.use_best, loss_fn=loss_fn,
+                   autocast_dtype=batch.autocast_dtype, channels_last=batch.channels_last)
+
+    def target_stats(self, model: nn.Module, batch: Batch, x_adv: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """Per-example statistics of the attacked model on the result, and the size of the perturbation."""
         with torch.no_grad(), autocast(batch, x_adv.device):
             logits = model(x_adv).float()
         stats = {
@@ -135,6 +149,61 @@ class RelabelByAttack(Recipe):
             "target_loss": F.cross_entropy(logits, t, reduction="none"),  # NaN here means a broken model
             "perturbation_l2": l2_distance(x_adv, batch.x),
         }
+        if self.norm == "linf":
+            stats["perturbation_linf"] = (x_adv - batch.x).flatten(1).abs().amax(dim=1)
+        return stats
+
+    def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
+        model = self._single(sources, self.name)
+        t = self.choose_targets(batch.y, batch.generators, batch.num_classes)
+        x_adv = self.attack(model, batch, t)
+        return RecipeOutput(x_adv, t, self.target_stats(model, batch, x_adv, t))
+
+
+class NonTransferableAttack(RelabelByAttack):
+    """Nakkiran's non-transferable targeted attack: from x (no random start), PGD descends
+    ``CE(f(x), t) + mean_i CE(f_i(x), y)``, pushing the target model f to t while every ensemble member f_i keeps
+    the true label y; the new label is t. ``sources`` are the target's checkpoint followed by the members'."""
+
+    name = "non_transferable_attack"
+
+    def __init__(self, targets: str = "shift", eps: float = 2.5, step_size: float = 0.5, steps: int = 10,
+                 use_best: bool = True, shift: int = 1, norm: str = "l2", batched_ensemble: bool = False) -> None:
+        """
+        Args:
+            targets: ``shift`` (Nakkiran's D_det: t = (y + shift) mod C) or ``random`` (t uniform over all
+                classes, t may equal y).
+            eps: radius of the perturbation in [0, 1] pixel units: L2 (Nakkiran: 2.5) or Linf (8/255 = 0.0313725).
+            step_size: L2 length of each normalised step (Nakkiran: 0.5) or Linf sign-step size (2/255 = 0.0078431).
+            steps: PGD steps (Nakkiran: 10); no random start.
+            use_best: keep each example's iterate with the lowest ensemble loss.
+            shift: the class shift of ``targets="shift"``.
+            norm: threat model, ``l2`` (default) or ``linf``.
+            batched_ensemble: evaluate the ensemble members in one ``torch.func.vmap`` pass (identical
+                architectures only) instead of a loop. Both give the same data up to float rounding; on the CPU
+                the loop was faster (bench/ensemble_speed.py), on GPUs measure. Part of the cache key.
+        """
+        super().__init__(targets, eps, step_size, steps, use_best, shift, norm)
+        self.batched_ensemble = batched_ensemble
+        self._config = {**self._config, "norm": norm, "batched_ensemble": batched_ensemble}
+
+    def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
+        if len(sources) < 2:
+            raise ValueError(
+                f"{self.name} needs the target model followed by at least one ensemble member in `sources`, got "
+                f"{len(sources)} checkpoint(s): list the target's last.ckpt first, then the members' (e.g. "
+                "runs/mini/ensemble/seed_1/checkpoints/last.ckpt, ...). For plain PGD use RelabelByAttack."
+            )
+        # Built per batch (stacking copies the weights, negligible next to 10 steps of 1 + k models): a recipe
+        # holding the sources would keep them, on the device, alive through the training that follows.
+        target, ensemble = sources[0], make_ensemble(sources[1:], batched=self.batched_ensemble)
+        t = self.choose_targets(batch.y, batch.generators, batch.num_classes)
+        x_adv = self.attack(target, batch, t, loss_fn=nakkiran_loss(target, ensemble, batch.y))
+        stats = self.target_stats(target, batch, x_adv, t)
+        with torch.no_grad(), autocast(batch, x_adv.device):
+            member_predictions = ensemble(x_adv).argmax(dim=-1)  # [M, B]
+        stats["ensemble_kept_true"] = (member_predictions == batch.y).float().mean(dim=0)
+        stats["ensemble_hit_target"] = (member_predictions == t).float().mean(dim=0)
         return RecipeOutput(x_adv, t, stats)
 
 

@@ -103,18 +103,21 @@ def vgg16_body(in_channels: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), 512
 
 
-def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128)) -> tuple[nn.Module, int]:
-    """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU.
+def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool: str = "max") -> tuple[nn.Module, int]:
+    """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU,
+    then a global ``pool`` ("max" or "avg") over the last 4x4 map.
 
     No separate stem: normalising/activating full-resolution maps costs more than it gives on a CPU.
     """
+    if pool not in ("max", "avg"):
+        raise ValueError(f"fast_cnn pool must be 'max' or 'avg', got {pool!r}")
     layers: list[nn.Module] = []
     c_in = in_channels
     for width in widths:
         layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width),
                    nn.GELU(), *conv_bn(width, width), nn.GELU()]
         c_in = width
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+    layers += [nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), c_in
 
 
