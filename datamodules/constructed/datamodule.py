@@ -1,4 +1,4 @@
-"""The DataModule of every constructed dataset (D_rand, D_det, D_R, D_NR, and later Nakkiran's D_det):
+"""The DataModule of every constructed dataset (D_rand, D_det, D_R, D_NR and Nakkiran's D_det):
 real CIFAR-10, a training set generated from source checkpoint(s) by a recipe, the real test set."""
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ class ConstructedDataModule(CIFAR10DataModule):
             sources: Lightning checkpoints (``last.ckpt``) of the source model(s), e.g. a standard model for
                 D_rand / D_det / D_NR, an L2-adversarially trained one for D_R. Their content (sha256), not
                 their path, enters the cache key.
-            recipe: what is done to each batch: ``datamodules.recipes.RelabelByAttack`` (D_rand, D_det) or
-                ``datamodules.recipes.RepresentationInversion`` (D_R, D_NR).
+            recipe: what is done to each batch: ``datamodules.recipes.RelabelByAttack`` (D_rand, D_det, and
+                Nakkiran's plain-PGD D_det), ``datamodules.recipes.NonTransferableAttack`` (Nakkiran's D_det;
+                sources = [target, ensemble members...]) or ``datamodules.recipes.RepresentationInversion``
+                (D_R, D_NR).
             cache_dir: where generated datasets are stored, one folder per key (float32 images: 614 MB for
                 the 50,000 CIFAR-10 training images). Under DDP it must be shared by all ranks.
             generation_precision: numerics of generation: ``32-true``, ``bf16-mixed`` or ``16-mixed``

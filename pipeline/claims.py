@@ -1,0 +1,251 @@
+"""The papers' tables as rows: the published number, the suite's number, and the qualitative claim as a small
+predicate whose threshold is written in its text. A row whose stages have not run evaluates to None
+("not run"), never to an error.
+
+Numbers are fractions in [0, 1] unless a row says otherwise (``percent=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+CHANCE = 0.10  # CIFAR-10
+
+
+class Results:
+    """Read access to the stage records (``stage.json`` contents; None for a stage that has not run)."""
+
+    def __init__(self, records: Mapping[str, dict | None]) -> None:
+        self.records = records
+
+    def _results(self, stage: str) -> dict:
+        return (self.records.get(stage) or {}).get("results") or {}
+
+    def metric(self, stage: str, key: str, test: str = "test") -> float | None:
+        return self._results(stage).get(test, {}).get("metrics", {}).get(key)
+
+    def sweep(self, stage: str, norm: str, eps: float, test: str = "test") -> float | None:
+        for row in self._results(stage).get(test, {}).get("sweep", []):
+            if row["norm"] == norm and abs(row["eps"] - eps) < 1e-6:
+                return row["robust_acc"]
+        return None
+
+    def measured(self, stage: str, *path: str) -> float | None:
+        value = self._results(stage)
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    def points(self) -> list[dict]:
+        """Figure 3's points, as measured by the figure3 stage."""
+        return self._results("figure3").get("points", [])
+
+    def point(self, stage: str, field: str) -> float | None:
+        return next((p.get(field) for p in self.points() if p.get("stage") == stage), None)
+
+
+Getter = Callable[[Results], "float | None"]
+
+
+def clean(stage: str, test: str = "test") -> Getter:
+    return lambda r: r.metric(stage, "test/acc", test)
+
+
+def robust(stage: str, norm: str = "l2", eps: float = 0.25) -> Getter:
+    return lambda r: r.sweep(stage, norm, eps)
+
+
+def transfer(norm: str, key: str) -> Getter:
+    return lambda r: r.measured("transfer", norm, key)
+
+
+def squares(stage: str, key: str) -> Getter:
+    return lambda r: r.metric(stage, f"test/squares/{key}")
+
+
+def point(stage: str, field: str) -> Getter:
+    return lambda r: r.point(stage, field)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``text`` states the claim with its threshold; ``test`` receives the values of ``inputs``."""
+
+    text: str
+    test: Callable[..., bool]
+    inputs: tuple[Getter, ...]
+
+    def holds(self, results: Results) -> bool | None:
+        values = [get(results) for get in self.inputs]
+        return None if any(v is None for v in values) else bool(self.test(*values))
+
+
+def claim(text: str, test: Callable[..., bool], *inputs: Getter) -> Claim:
+    return Claim(text, test, inputs)
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str
+    experiment: str
+    paper: str
+    value: Getter
+    claim: Claim | None = None
+    percent: bool = True
+
+
+def rank_correlation(pairs: list[tuple[float, float]]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 pairs or a constant side."""
+    if len(pairs) < 3:
+        return None
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    a, b = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    var = (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+    return cov / var if var else None
+
+
+def figure3_correlation(r: Results) -> float | None:
+    return rank_correlation([(p["transfer"], p["accuracy"]) for p in r.points()
+                             if p.get("transfer") is not None and p.get("accuracy") is not None])
+
+
+def not_robust(stage: str) -> Claim:
+    return claim(f"{stage} model not robust: L2 0.25 acc < half its clean acc", lambda a, c: a < c / 2,
+                 robust(stage), clean(stage))
+
+
+def far_above_chance(stage: str) -> Claim:
+    return claim(f"{stage} far above chance (10%): >= 20%", lambda a: a >= 2 * CHANCE, clean(stage))
+
+
+def learns_task(stage: str) -> Claim:
+    return claim(f"{stage} teaches the task: > 3x chance (30%)", lambda a: a > 3 * CHANCE, clean(stage))
+
+
+S1 = "1. Standard and adversarial training (Ilyas, baseline rows)"
+S2 = "2. Robust and non-robust datasets D_R, D_NR (Ilyas Sec. 3.1)"
+S3 = "3. Non-robust features suffice: D_rand, D_det (Ilyas Table 1)"
+S41 = "4.1 Non-transferable targeted adversarial examples (Nakkiran)"
+S42 = "4.2 D_det built from them (Nakkiran)"
+S43 = "4.3 Adversarial squares (Nakkiran)"
+F3 = "Figure 3: accuracy tracks transferability (Ilyas), with Nakkiran's datasets"
+
+NAKKIRAN_41 = {("linf", "pgd"): ("99.6%", "52.1%"), ("linf", "non_transferable"): ("98.6%", "0.8%"),
+               ("l2", "pgd"): ("99.9%", "82.5%"), ("l2", "non_transferable"): ("99.3%", "1.7%")}
+NAKKIRAN_42 = {("linf", "pgd"): ("23.7%", "40.4%"), ("linf", "nakkiran"): ("2.5%", "75.9%"),
+               ("l2", "pgd"): ("33.2%", "27.3%"), ("l2", "nakkiran"): ("2.8%", "70.8%")}
+
+
+def section_41() -> list[Row]:
+    rows = [Row(S41, "fresh model predicts t = y+1 on clean images (chance level)", "—",
+                transfer("l2", "clean_fresh_target_rate"))]
+    for (norm, attack), (success, moved) in NAKKIRAN_41.items():
+        name = f"{norm.capitalize()} {'PGD' if attack == 'pgd' else 'non-transferable'}"
+        fools = claim("fools f: success >= 90%", lambda s: s >= 0.9, transfer(norm, f"{attack}_success"))
+        if attack == "pgd":
+            spread = claim("transfers: rate >= 5x the non-transferable attack's", lambda p, n: p >= 5 * n,
+                           transfer(norm, "pgd_transfer"), transfer(norm, "non_transferable_transfer"))
+        else:
+            spread = claim("barely transfers: rate < 10%", lambda n: n < 0.10,
+                           transfer(norm, "non_transferable_transfer"))
+        rows += [Row(S41, f"{name}: success on f", success, transfer(norm, f"{attack}_success"), fools),
+                 Row(S41, f"{name}: transfer to a fresh model", moved, transfer(norm, f"{attack}_transfer"), spread)]
+    return rows
+
+
+def section_42() -> list[Row]:
+    rows = []
+    for (norm, kind), (true_acc, shifted_acc) in NAKKIRAN_42.items():
+        stage = f"{kind}_ddet_{norm}"
+        eps = "2.5" if norm == "l2" else "8/255"
+        name = f"{norm.capitalize()} {'PGD' if kind == 'pgd' else 'non-transferable'} (eps {eps})"
+        if kind == "pgd":
+            on_true = claim("plain-PGD D_det teaches the true task: >= 20% (2x chance)", lambda a: a >= 2 * CHANCE,
+                            clean(stage))
+            on_shifted = None
+        else:
+            on_true = claim("non-transferable D_det near chance on true labels: <= 15%", lambda a: a <= 0.15,
+                            clean(stage))
+            on_shifted = claim("learns the shifted labels instead: (X, Y+1) acc >= 3x its (X, Y) acc",
+                               lambda s, a: s >= 3 * a, clean(stage, "test_shift1"), clean(stage))
+        rows += [Row(S42, f"{name}: test acc (X, Y)", true_acc, clean(stage), on_true),
+                 Row(S42, f"{name}: test acc (X, Y+1)", shifted_acc, clean(stage, "test_shift1"), on_shifted)]
+    return rows
+
+
+ROWS: list[Row] = [
+    Row(S1, "standard: clean test acc", "95.3%", clean("standard"), learns_task("standard")),
+    Row(S1, "standard: L2 eps 0.25 acc", "4.5%", robust("standard"), not_robust("standard")),
+    Row(S1, "adversarial (L2 0.5): clean test acc", "90.8%", clean("adversarial_l2"),
+        claim("robustness costs clean accuracy: below the standard model's", lambda a, s: a < s,
+              clean("adversarial_l2"), clean("standard"))),
+    Row(S1, "adversarial (L2 0.5): L2 eps 0.25 acc", "82.3%", robust("adversarial_l2"),
+        claim("adversarial training buys robustness: >= 1.5x the standard model's L2 0.25 acc",
+              lambda a, s: a >= 1.5 * s, robust("adversarial_l2"), robust("standard"))),
+    Row(S1, "adversarial (L2 0.5): L2 eps 0.5 acc", "70.2%", robust("adversarial_l2", eps=0.5)),
+    Row(S2, "D_R: clean test acc", "84%", clean("d_robust"), learns_task("d_robust")),
+    Row(S2, "D_R: L2 eps 0.25 acc", "48%", robust("d_robust"),
+        claim("D_R carries robustness: L2 0.25 acc >= 3x D_NR's and >= 10%", lambda r, n: r >= 3 * n and r >= 0.1,
+              robust("d_robust"), robust("d_nonrobust"))),
+    Row(S2, "D_NR: clean test acc", "88%", clean("d_nonrobust"), learns_task("d_nonrobust")),
+    Row(S2, "D_NR: L2 eps 0.25 acc", "~0%", robust("d_nonrobust"), not_robust("d_nonrobust")),
+    Row(S3, "D_rand: test acc (true labels)", "63.3%", clean("d_rand"), far_above_chance("d_rand")),
+    Row(S3, "D_det: test acc (true labels)", "43.7%", clean("d_det"), far_above_chance("d_det")),
+    Row(S3, "D_det: test acc on the shifted labels y+1", "—", clean("d_det", "test_shift1")),
+    Row(S3, "D_rand: L2 eps 0.25 acc", "~0%", robust("d_rand"), not_robust("d_rand")),
+    Row(S3, "D_det: L2 eps 0.25 acc", "~0%", robust("d_det"), not_robust("d_det")),
+    *section_41(),
+    *section_42(),
+    Row(S43, "trained network: train acc (label noise memorised)", "99.9%", squares("squares", "train_acc"),
+        claim("memorises the label noise: train acc >= 99%", lambda a: a >= 0.99, squares("squares", "train_acc"))),
+    Row(S43, "trained network: test points flipped by Linf eps 0.01", "almost all",
+        squares("squares", "flip_fraction"),
+        claim("almost every test point flipped: >= 90%", lambda f: f >= 0.9, squares("squares", "flip_fraction"))),
+    Row(S43, "1-epoch network: test points flipped by Linf eps 0.01", "~0% (robust)",
+        squares("squares_1epoch", "flip_fraction"),
+        claim("the 1-epoch network is robust: <= 10% flipped", lambda f: f <= 0.1,
+              squares("squares_1epoch", "flip_fraction"))),
+    Row(S43, "linear classifier sign(mean): test points flipped at eps 0.01", "0%",
+        squares("squares", "linear_flip_fraction"),
+        claim("the linear classifier is robust: 0% flipped", lambda f: f == 0,
+              squares("squares", "linear_flip_fraction"))),
+    Row(S43, "linear classifier: smallest robustness radius (Linf)", "0.9", squares("squares", "linear_radius_min"),
+        percent=False),
+    Row(F3, "D_det point: test acc (true labels)", "ResNet-50 45%", point("d_det", "accuracy")),
+    Row(F3, "D_det point: targeted transfer to an independent model", "ResNet-50 100%", point("d_det", "transfer")),
+    *(row for n in ("l2", "linf") for row in (
+        Row(F3, f"Nakkiran non-transferable D_det ({n}): test acc (true labels)", "~0%",
+            point(f"nakkiran_ddet_{n}", "accuracy")),
+        Row(F3, f"Nakkiran non-transferable D_det ({n}): targeted transfer", "~0%",
+            point(f"nakkiran_ddet_{n}", "transfer"),
+            claim("sits near (0, 0): acc <= 15% and transfer <= 10%", lambda a, t: a <= 0.15 and t <= 0.10,
+                  point(f"nakkiran_ddet_{n}", "accuracy"), point(f"nakkiran_ddet_{n}", "transfer"))))),
+    Row(F3, "rank correlation of (transfer, accuracy) over the measured points", "+ (on one line)",
+        figure3_correlation,
+        claim("accuracy tracks transferability: Spearman correlation > 0.5", lambda c: c > 0.5, figure3_correlation),
+        percent=False),
+]
+
+
+def evaluate(records: Mapping[str, dict | None], rows: list[Row] = ROWS) -> list[dict]:
+    """Every row with the suite's number and whether its claim holds (None: not run / no claim)."""
+    results = Results(records)
+    return [{"section": row.section, "experiment": row.experiment, "paper": row.paper, "suite": row.value(results),
+             "percent": row.percent, "claim": row.claim.text if row.claim else None,
+             "holds": row.claim.holds(results) if row.claim else None} for row in rows]

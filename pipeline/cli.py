@@ -1,0 +1,67 @@
+"""``python train.py reproduce``: run a preset's stage graph, then write the report.
+
+    python train.py reproduce --preset mini                      # everything; a rerun skips finished stages
+    python train.py reproduce --preset mini --dry-run            # what would run, and why
+    python train.py reproduce --preset mini --only transfer      # one stage and what it needs
+    python train.py reproduce --preset mini --force standard     # rerun standard and everything downstream
+    python train.py reproduce --preset paper --trainer.accelerator gpu --trainer.devices 8 --trainer.strategy ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from pipeline.presets import PRESETS, preset
+from pipeline.runner import PipelineError, Runner
+from pipeline.stages import StageError, commands
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python train.py reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the stage graph (pipeline/presets.py)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<preset>)")
+    p.add_argument("--force", nargs="+", default=[], action="extend", metavar="STAGE",
+                   help="rerun these stages from scratch, and everything downstream")
+    p.add_argument("--only", nargs="+", default=[], action="extend", metavar="STAGE",
+                   help="run only these stages and the stages they need")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
+    p.add_argument("--stage-args", default="", metavar="ARGS",
+                   help="extra arguments for every train.py command, e.g. \"--trainer.devices 8\"")
+    p.add_argument("--no-report", action="store_true", help="do not write results.md / results.json / figures")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the reproduction; the stage records. ``--trainer.*`` arguments pass through to every train.py run."""
+    args, unknown = parser().parse_known_args(argv)
+    if stray := [a for a in unknown if a.startswith("-") and not a.startswith("--trainer.")]:
+        parser().error(f"unrecognised arguments {' '.join(stray)} (only --trainer.* pass through to the stages; "
+                       "use --stage-args for anything else)")
+    extra = [*unknown, *shlex.split(args.stage_args)]
+    out = args.out or f"runs/reproduce/{args.preset}"
+    try:
+        stages = preset(args.preset)
+        runner = Runner(stages, out, preset=args.preset, extra_args=extra, force=args.force, only=args.only)
+        if args.dry_run:
+            for decision in runner.plan():
+                print(f"{decision.stage.name:<20} {decision.action:<7} {decision.reason}")
+                if decision.action in ("run", "resume"):
+                    for label, cmd in commands(decision.stage, runner.out, extra, resume=decision.action == "resume"):
+                        print(f"    {label}: {shlex.join(cmd)}")
+            return {}
+        try:
+            records = runner.run()
+        finally:  # also after a failure: the report shows what finished, the rest as "not run"
+            if not args.no_report:
+                from pipeline.report import write_report
+
+                written = write_report(out, stages, args.preset)
+                print(f"report: {written['results.md']}")
+    except (PipelineError, StageError) as err:
+        print(f"reproduce: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    return records

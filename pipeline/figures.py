@@ -1,0 +1,127 @@
+"""The report's figures (matplotlib, Agg backend), each written under a temporary name and renamed. A figure
+whose stages have not run is skipped (its function returns None)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipeline.claims import Results
+
+# Ilyas Figure 2's training sets, and the paper's (clean, L2 0.25) accuracies in %.
+FIGURE2 = {"standard": ("D", (95.3, 4.5)), "adversarial_l2": ("D adv.", (90.8, 82.3)),
+           "d_robust": ("D_R", (84.0, 48.0)), "d_nonrobust": ("D_NR", (88.0, 0.0)),
+           "d_rand": ("D_rand", (63.3, None)), "d_det": ("D_det", (43.7, None))}
+# Ilyas Figure 3 (transfer %, accuracy %), architectures trained on D_det made from a ResNet-50; Nakkiran's
+# non-transferable dataset as the authors placed it.
+PAPER_FIGURE3 = {"ResNet-50": (100, 45), "DenseNet": (93, 42), "ResNet-18": (92, 41), "Inception-v3": (83, 39),
+                 "VGG-16": (66, 28), "Nakkiran (placed by Ilyas et al.)": (0, 0)}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    _pyplot().close(figure)
+    return path
+
+
+def figure2(results: Results, path: Path) -> Path | None:
+    """Bars: clean and L2 eps 0.25 accuracy of a model trained on each training set (paper values as marks)."""
+    bars = [(stage, label, paper, results.metric(stage, "test/acc"), results.sweep(stage, "l2", 0.25))
+            for stage, (label, paper) in FIGURE2.items()]
+    bars = [b for b in bars if b[3] is not None]
+    if not bars:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.3 * len(bars) + 2, 3.6))
+    for i, (_, _, paper, acc, rob) in enumerate(bars):
+        ax.bar(i - 0.2, 100 * acc, 0.4, color="tab:blue", label="clean" if i == 0 else None)
+        ax.bar(i + 0.2, 100 * (rob or 0), 0.4, color="tab:orange", label="L2 eps 0.25" if i == 0 else None)
+        for dx, value in zip((-0.2, 0.2), paper, strict=True):
+            if value is not None:
+                ax.plot([i + dx - 0.18, i + dx + 0.18], [value] * 2, color="black", lw=2,
+                        label="paper" if i == 0 and dx < 0 else None)
+    ax.set_xticks(range(len(bars)), [b[1] for b in bars])
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 100), title="Ilyas et al. Figure 2: train on, test on real CIFAR-10")
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def accuracy_vs_eps(records: Mapping[str, dict | None], path: Path) -> Path | None:
+    """One curve per model (its robust_accuracy.json sweep on the true labels), one panel per norm."""
+    sweeps = {name: r["results"]["test"]["sweep"] for name, r in records.items()
+              if r and r.get("kind") == "train" and r["results"].get("test", {}).get("sweep")}
+    if not sweeps:
+        return None
+    plt = _pyplot()
+    norms = sorted({row["norm"] for rows in sweeps.values() for row in rows})
+    fig, axes = plt.subplots(1, len(norms), figsize=(5.5 * len(norms), 4), squeeze=False)
+    for ax, norm in zip(axes[0], norms, strict=True):
+        for name, rows in sweeps.items():
+            pts = sorted((r["eps"] * (255 if norm == "linf" else 1), 100 * r["robust_acc"]) for r in rows
+                         if r["norm"] == norm)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name)
+        ax.set(xlabel=f"{norm} eps" + (" (x 1/255)" if norm == "linf" else ""), ylabel="accuracy (%)",
+               ylim=(0, 100), title=f"accuracy under {norm} PGD")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    return save(fig, path)
+
+
+def figure3(results: Results, path: Path) -> Path | None:
+    """Scatter: targeted transfer rate vs. test accuracy of D_det-style sets, the paper's points in grey."""
+    points = [p for p in results.points() if p.get("accuracy") is not None and p.get("transfer") is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, (x, y) in PAPER_FIGURE3.items():
+        ax.scatter(x, y, color="lightgrey", edgecolor="grey", zorder=2)
+        ax.annotate(label, (x, y), fontsize=7, color="grey", xytext=(3, 3), textcoords="offset points")
+    for p in points:
+        ax.scatter(100 * p["transfer"], 100 * p["accuracy"], zorder=3)
+        ax.annotate(p["label"], (100 * p["transfer"], 100 * p["accuracy"]), fontsize=7, xytext=(3, -9),
+                    textcoords="offset points")
+    ax.axhline(10, color="grey", ls=":", lw=1)
+    ax.set(xlabel="targeted transfer to an independent model (%)", ylabel="test accuracy, true labels (%)",
+           xlim=(-5, 105), ylim=(-5, 100), title="Ilyas et al. Figure 3 (grey: paper; colour: this suite)")
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def collect_grids(records: Mapping[str, dict | None], folder: Path) -> dict[str, Path]:
+    """Copy the example grid of every constructed dataset a stage trained on to ``folder/examples_<stage>.png``."""
+    copied = {}
+    for name, record in records.items():
+        grid = ((record or {}).get("artifacts") or {}).get("examples_grid")
+        if grid and Path(grid).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"examples_{name}.png"
+            shutil.copyfile(grid, target.with_name(target.stem + ".tmp.png"))
+            os.replace(target.with_name(target.stem + ".tmp.png"), target)
+            copied[name] = target
+    return copied
+
+
+def write_figures(records: Mapping[str, dict | None], folder: Path) -> dict[str, Path]:
+    """Every figure that has data, by name."""
+    results = Results(records)
+    made = {"figure2": figure2(results, folder / "figure2_robust_datasets.png"),
+            "accuracy_vs_eps": accuracy_vs_eps(records, folder / "accuracy_vs_eps.png"),
+            "figure3": figure3(results, folder / "figure3_transfer.png")}
+    made.update({f"examples_{k}": v for k, v in collect_grids(records, folder).items()})
+    return {k: v for k, v in made.items() if v is not None}

@@ -1,0 +1,159 @@
+"""Measurement stages, each a function run in its own process and rerunnable alone:
+
+    python -m pipeline.measure transfer --out DIR --target T.ckpt --ensemble E1.ckpt ... --fresh F.ckpt
+    python -m pipeline.measure figure3 --out DIR --source S.ckpt --fresh F.ckpt --ddet runs/.../d_det ...
+
+Each writes ``DIR/measure.json`` (atomically). Both attack a fixed, seeded subset of the real CIFAR-10 test set
+(``--examples``, ``--seed``), on CUDA when available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.runner import STAGE_JSON, read_json, write_json_atomic
+
+# Nakkiran's attacks (SPEC 4.1): 10 steps, L2 eps 2.5 step 0.5, Linf eps 8/255 step 2/255.
+NAKKIRAN_ATTACKS = {"l2": {"eps": 2.5, "step_size": 0.5}, "linf": {"eps": 8 / 255, "step_size": 2 / 255}}
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cifar_test_subset(examples: int, seed: int, data_dir: str | None = None):
+    """``examples`` real CIFAR-10 test images (float in [0, 1]) and labels, drawn with ``seed``, in index order."""
+    import torch
+
+    from datamodules import CIFAR10DataModule
+    from datamodules.base import as_float_images
+
+    dm = CIFAR10DataModule(data_dir=data_dir)
+    dm.setup("test")
+    x, y = dm.test
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:examples].sort().values
+    return as_float_images(x[keep]), y[keep]
+
+
+def _model(path: str):
+    from datamodules.constructed.sources import load_source
+
+    return load_source(path).model.to(_device())
+
+
+def transfer(*, target: str, ensemble: Sequence[str], fresh: str, examples: int = 1000, seed: int = 0,
+             steps: int = 10, batch_size: int = 250, data_dir: str | None = None) -> dict:
+    """Nakkiran's table (SPEC 4.1): success on the target and targeted transfer to ``fresh`` of plain targeted PGD
+    and of the non-transferable attack (target t = y + 1), for L2 and Linf."""
+    from attacks.ensemble import transfer_report
+
+    x, y = cifar_test_subset(examples, seed, data_dir)
+    target_model, fresh_model = _model(target), _model(fresh)
+    members = [_model(p) for p in ensemble]
+    results = {"examples": examples, "seed": seed, "steps": steps, "ensemble_size": len(members)}
+    for norm, attack in NAKKIRAN_ATTACKS.items():
+        start = time.monotonic()
+        results[norm] = transfer_report(target_model, members, fresh_model, x, y, norm=norm, steps=steps,
+                                        shift=1, batch_size=batch_size, **attack)
+        results[norm].update(attack, seconds=round(time.monotonic() - start, 1))
+    return results
+
+
+def true_label_accuracy(stage_dir: str) -> float | None:
+    """Clean test accuracy on the true labels recorded by a finished train stage."""
+    record = read_json(Path(stage_dir) / STAGE_JSON) or {}
+    return record.get("results", {}).get("test", {}).get("metrics", {}).get("test/acc")
+
+
+def figure3(*, source: str, fresh: str, ddet: str, transfer: str, eps: float = 0.5, step_size: float = 0.1,
+            steps: int = 10, examples: int = 1000, seed: int = 0, batch_size: int = 250,
+            nakkiran_l2: str | None = None, nakkiran_linf: str | None = None, pgd_l2: str | None = None,
+            pgd_linf: str | None = None, data_dir: str | None = None) -> dict:
+    """Ilyas Figure 3's points, (test accuracy on the true labels of a model trained on a D_det-style set,
+    targeted transfer rate of the attack that made the set to an independently trained model):
+
+    - the D_det point: the ``ddet`` stage's accuracy; transfer measured here: targeted L2 PGD towards y + 1
+      (``eps``, ``step_size``, ``steps``: the D_det recipe) from ``source``, scored on ``fresh``;
+    - Nakkiran's datasets (non-transferable attack) and their plain-PGD controls: accuracies of those stages,
+      transfer rates from the ``transfer`` stage.
+    """
+    import torch
+
+    from attacks import attack_success_rate, pgd, targeted_transfer_rate
+    from datamodules.constructed.sources import load_source
+
+    x, y = cifar_test_subset(examples, seed, data_dir)
+    device = _device()
+    src = load_source(source)
+    model, fresh_model = src.model.to(device), _model(fresh)
+    targets = (y + 1) % 10
+    start = time.monotonic()
+    x_adv = torch.cat([pgd(model, xb.to(device), tb.to(device), norm="l2", eps=eps, step_size=step_size,
+                           steps=steps, targeted=True).cpu()
+                       for xb, tb in zip(x.split(batch_size), targets.split(batch_size), strict=True)])
+    arch = src.hparams.get("arch", "model")
+    points = [{"label": f"D_det ({arch})", "stage": Path(ddet).name, "accuracy": true_label_accuracy(ddet),
+               "transfer": targeted_transfer_rate(x_adv, targets, fresh_model, batch_size=batch_size),
+               "source_success": attack_success_rate(model, x_adv, targets, targeted=True, batch_size=batch_size)}]
+    table = (read_json(Path(transfer) / STAGE_JSON) or {}).get("results", {})
+    for kind, dirs in (("non_transferable", {"l2": nakkiran_l2, "linf": nakkiran_linf}),
+                       ("pgd", {"l2": pgd_l2, "linf": pgd_linf})):
+        for norm, stage in dirs.items():
+            if stage is not None:
+                name = "Nakkiran non-transferable" if kind == "non_transferable" else "plain PGD"
+                points.append({"label": f"D_det of {name} ({norm})", "stage": Path(stage).name,
+                               "accuracy": true_label_accuracy(stage),
+                               "transfer": table.get(norm, {}).get(f"{kind}_transfer")})
+    return {"examples": examples, "seed": seed, "attack": {"norm": "l2", "eps": eps, "step_size": step_size,
+            "steps": steps, "targets": "(y + 1) mod 10"}, "points": points,
+            "seconds": round(time.monotonic() - start, 1)}
+
+
+MEASURES = {"transfer": transfer, "figure3": figure3}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.measure", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="measure", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="folder of measure.json")
+    common.add_argument("--examples", type=int, default=1000, help="size of the seeded test subset")
+    common.add_argument("--seed", type=int, default=0, help="seed of the test subset")
+    common.add_argument("--steps", type=int, default=10, help="attack steps")
+    common.add_argument("--batch_size", type=int, default=250)
+    common.add_argument("--data_dir", default=None, help="CIFAR-10 folder (default: $BOF_DATA_DIR, else ./data)")
+    t = sub.add_parser("transfer", parents=[common], help=transfer.__doc__.splitlines()[0])
+    t.add_argument("--target", required=True, help="checkpoint of the attacked model f")
+    t.add_argument("--ensemble", nargs="+", required=True, help="checkpoints of the ensemble kept on the true label")
+    t.add_argument("--fresh", required=True, help="checkpoint of an independently trained model")
+    f = sub.add_parser("figure3", parents=[common], help=figure3.__doc__.splitlines()[0])
+    f.add_argument("--source", required=True, help="checkpoint of the model D_det was made from")
+    f.add_argument("--fresh", required=True, help="checkpoint of an independently trained model of its arch")
+    f.add_argument("--ddet", required=True, help="stage folder of the model trained on D_det")
+    f.add_argument("--transfer", required=True, help="stage folder of the transfer measurement")
+    for name in ("nakkiran_l2", "nakkiran_linf", "pgd_l2", "pgd_linf"):
+        f.add_argument(f"--{name}", default=None, help="stage folder of that D_det-style dataset's model")
+    f.add_argument("--eps", type=float, default=0.5)
+    f.add_argument("--step_size", type=float, default=0.1)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = vars(parser().parse_args(argv))
+    name, out = args.pop("measure"), Path(args.pop("out"))
+    results = MEASURES[name](**args)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "measure.json", results)
+    print(json.dumps(results, indent=1, default=float))
+    return results
+
+
+if __name__ == "__main__":
+    main()

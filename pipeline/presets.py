@@ -1,0 +1,130 @@
+"""The stage graphs: ``mini`` (CPU, fast CNN), ``paper`` (the papers' recipes, GPUs) and ``tiny`` (CI tests).
+
+``mini`` and ``paper`` are one graph over two config folders (SPEC sections in brackets):
+
+    standard, adversarial_l2                          baseline models [1]
+    ensemble_seed_1..k, fresh                         the standard config with other seeds [4.1]
+    (paper: standard_resnet18, fresh_resnet18, and ResNet-18 ensemble members: Nakkiran's architecture)
+    d_rand, d_det            <- standard              Table 1 [3]
+    d_robust                 <- adversarial_l2        D_R [2]
+    d_nonrobust              <- standard              D_NR [2]
+    nakkiran_ddet_{l2,linf}  <- standard + ensemble   D_det of non-transferable examples [4.2]
+    pgd_ddet_{l2,linf}       <- standard              the same with plain PGD [4.2]
+    transfer                 <- standard, ensemble, fresh   (measure) the transfer table [4.1]
+    squares, squares_1epoch                           adversarial squares [4.3]
+    figure3                  <- the D_det-style stages, transfer, fresh   (measure) Figure 3 [3]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from pipeline.stages import TEST_AND_SHIFTED, Stage, check_graph, ckpt_list, measure_stage, train_stage
+
+NORMS = ("l2", "linf")
+
+
+def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: Sequence[str],
+           nakkiran_arch: str | None = None, base: Sequence[str] = (), constructed: Sequence[str] = ()) -> list[Stage]:
+    """The whole debate over the configs in ``configs``.
+
+    Args:
+        ensemble: number of extra standard models (seeds 1..k) of Nakkiran's ensemble.
+        transfer_examples: size of the seeded subset of the real test set the measure stages attack.
+        ddet_attack: ``--eps/--step_size/--steps`` of the D_det attack, as in ``<configs>/d_det.yaml``, for the
+            transfer measurement of Figure 3.
+        nakkiran_arch: Nakkiran's target, ensemble and fresh model use this architecture (the standard config
+            with ``--model.init_args.arch``) in stages of their own; None: they are the standard model, seeds
+            1..k and ``fresh``.
+        base: arguments added to every train stage (e.g. a second --config).
+        constructed: arguments added to every stage that trains on a constructed dataset (e.g. its cache_dir).
+    """
+    def cfg(name: str) -> str:
+        return f"{configs}/{name}.yaml"
+
+    def on(*sources: str) -> list[str]:
+        return [*constructed, "--data.init_args.sources", ckpt_list(*sources)]
+
+    arch = [] if nakkiran_arch is None else ["--model.init_args.arch", nakkiran_arch]
+    target = "standard" if nakkiran_arch is None else f"standard_{nakkiran_arch}"
+    fresh = "fresh" if nakkiran_arch is None else f"fresh_{nakkiran_arch}"  # for the transfer table
+    members = [f"ensemble_seed_{i}" for i in range(1, ensemble + 1)]
+    nakkiran_models = [] if nakkiran_arch is None else [
+        train_stage(target, cfg("standard"), *base, *arch),
+        train_stage(fresh, cfg("standard"), *base, *arch, "--seed_everything", "100")]
+    return [
+        train_stage("standard", cfg("standard"), *base),
+        train_stage("adversarial_l2", cfg("adversarial_l2"), *base),
+        *nakkiran_models,
+        *(train_stage(m, cfg("standard"), *base, *arch, "--seed_everything", str(i)) for i, m in enumerate(members, 1)),
+        train_stage("fresh", cfg("standard"), *base, "--seed_everything", "100"),
+        train_stage("d_rand", cfg("d_rand"), *base, *on("standard"), deps=["standard"]),
+        train_stage("d_det", cfg("d_det"), *base, *on("standard"), deps=["standard"], tests=TEST_AND_SHIFTED),
+        train_stage("d_robust", cfg("d_robust"), *base, *on("adversarial_l2"), deps=["adversarial_l2"]),
+        train_stage("d_nonrobust", cfg("d_nonrobust"), *base, *on("standard"), deps=["standard"]),
+        *(train_stage(f"nakkiran_ddet_{n}", cfg(f"nakkiran_ddet_{n}"), *base, *on(target, *members),
+                      deps=[target, *members], tests=TEST_AND_SHIFTED) for n in NORMS),
+        *(train_stage(f"pgd_ddet_{n}", cfg(f"pgd_ddet_{n}"), *base, *on(target), deps=[target],
+                      tests=TEST_AND_SHIFTED) for n in NORMS),
+        measure_stage("transfer", "transfer", "--target", f"{{ckpt:{target}}}",
+                      "--ensemble", *(f"{{ckpt:{m}}}" for m in members), "--fresh", f"{{ckpt:{fresh}}}",
+                      "--examples", str(transfer_examples), deps=[target, *members, fresh]),
+        train_stage("squares", cfg("squares"), *base),
+        train_stage("squares_1epoch", cfg("squares"), *base, "--trainer.max_epochs", "1"),
+        # Figure 3: the D_det point pairs the standard model with an independent one of its own architecture.
+        measure_stage("figure3", "figure3", "--source", "{ckpt:standard}", "--fresh", "{ckpt:fresh}",
+                      "--ddet", "{dir:d_det}", "--transfer", "{dir:transfer}",
+                      *(a for n in NORMS for a in (f"--nakkiran_{n}", f"{{dir:nakkiran_ddet_{n}}}",
+                                                   f"--pgd_{n}", f"{{dir:pgd_ddet_{n}}}")),
+                      "--examples", str(transfer_examples), *ddet_attack,
+                      deps=["standard", "fresh", "d_det", "transfer", *(f"{k}_ddet_{n}" for k in ("nakkiran", "pgd")
+                                                                           for n in NORMS)]),
+    ]
+
+
+def mini() -> list[Stage]:
+    """CPU preset: configs/mini (fast CNN, CIFAR-10), 3 ensemble members; about a day on 2 cores."""
+    return debate("configs/mini", ensemble=3, transfer_examples=1000,
+                  ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "10"])
+
+
+def paper() -> list[Stage]:
+    """The papers' recipes: configs/cifar10 (Ilyas: ResNet-50; Nakkiran: ResNet-18 target, 10 ResNet-18 ensemble
+    members, a fresh ResNet-18). Pass the hardware through, e.g. ``--trainer.accelerator gpu --trainer.devices 8
+    --trainer.strategy ddp``."""
+    return debate("configs/cifar10", ensemble=10, transfer_examples=1000, nakkiran_arch="resnet18",
+                  ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "100"])
+
+
+TINY = ("--config", "pipeline/tiny.yaml")  # 512 images, 2 batches, a 4-point sweep on 100 test images
+
+
+def tiny() -> list[Stage]:
+    """CI only: seconds-long stages on a real CIFAR-10 subset, the constructed data cached under OUT."""
+    constructed = ["--data.init_args.cache_dir", "{out}/constructed", "--data.init_args.progress_bar", "false"]
+    return [
+        train_stage("standard", "configs/mini/standard.yaml", *TINY),
+        train_stage("ensemble_seed_1", "configs/mini/standard.yaml", *TINY, "--seed_everything", "1"),
+        train_stage("fresh", "configs/mini/standard.yaml", *TINY, "--seed_everything", "100"),
+        train_stage("d_det", "configs/mini/d_det.yaml", *TINY, *constructed, "--data.init_args.sources",
+                    ckpt_list("standard"), deps=["standard"], tests=TEST_AND_SHIFTED),
+        measure_stage("transfer", "transfer", "--target", "{ckpt:standard}", "--ensemble", "{ckpt:ensemble_seed_1}",
+                      "--fresh", "{ckpt:fresh}", "--examples", "50", "--steps", "2",
+                      deps=["standard", "ensemble_seed_1", "fresh"]),
+        measure_stage("figure3", "figure3", "--source", "{ckpt:standard}", "--fresh", "{ckpt:fresh}",
+                      "--ddet", "{dir:d_det}", "--transfer", "{dir:transfer}", "--examples", "50",
+                      "--eps", "0.5", "--step_size", "0.1", "--steps", "2",
+                      deps=["standard", "fresh", "d_det", "transfer"]),
+    ]
+
+
+PRESETS: dict[str, Callable[[], list[Stage]]] = {"mini": mini, "paper": paper, "tiny": tiny}
+
+
+def preset(name: str) -> list[Stage]:
+    """The checked stage graph of a preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    stages = PRESETS[name]()
+    check_graph(stages)
+    return stages

@@ -1,0 +1,321 @@
+"""Runs a preset's stages in dependency order, each in a subprocess, with caching, resume and failure reports.
+
+Per stage, under ``OUT/<stage>/``:
+
+- ``stage.log``     stdout and stderr of every command of the stage (each preceded by the command line);
+- ``attempt.json``  the key of the attempt in progress, written before the first command: an unfinished fit
+                    with the same key and a ``checkpoints/last.ckpt`` resumes with ``--ckpt_path last``;
+- ``stage.json``    written last, atomically: key, run id, results, timings, versions. A stage whose
+                    stage.json holds the current key is skipped.
+
+Keys chain through run ids: a stage's key includes the run ids of its dependencies, and every run gets a new
+one, so rerunning a stage (``--force``, a changed config, a lost stage.json) reruns everything downstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from pipeline import outputs
+from pipeline.stages import REPO, Stage, commands, last_checkpoint, seed_of, stage_dir, stage_key
+
+STAGE_JSON, ATTEMPT_JSON, LOG, MEASURE_JSON = "stage.json", "attempt.json", "stage.log", "measure.json"
+REPRODUCTION_JSON, LOCK = "reproduction.json", "reproduce.lock"
+LOG_TAIL = 25
+
+Execute = Callable[[list[str], Path, dict], int]
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot go on; the message names the stage and what to do."""
+
+
+class StageFailed(PipelineError):
+    """A command of a stage failed."""
+
+    def __init__(self, stage: str, step: str, code: int, log: Path, argv: Sequence[str] = (), why: str = "") -> None:
+        self.stage, self.step, self.code, self.log = stage, step, code, log
+        tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL:] if log.is_file() else []
+        super().__init__(
+            f"stage {stage!r} failed: {why or f'its {step} command exited with code {code}'}.\n"
+            f"  command: {shlex.join(argv)}\n  log: {log}\n"
+            f"--- last {len(tail)} lines of {log.name} ---\n" + "\n".join(tail)
+        )
+
+
+def run_subprocess(argv: list[str], log: Path, env: dict) -> int:
+    """Run ``argv`` with stdout and stderr appended to ``log``; the exit code."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(argv)}\n")
+        f.flush()
+        return subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Temporary name, then rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or damaged: the stage counts as not finished
+    return obj if isinstance(obj, dict) else None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def versions() -> dict:
+    """Python, torch and Lightning versions, and the git commit of the suite (``+dirty`` if modified)."""
+    found = {"python": platform.python_version()}
+    for package in ("torch", "pytorch-lightning"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    try:
+        git = ["git", "-C", str(REPO)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout
+        found["git"] = commit.strip() + ("+dirty" if dirty.strip() else "") if commit.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        found["git"] = None
+    return found
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``: two pipelines writing the same stages would corrupt each other."""
+    import fcntl
+
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise PipelineError(f"another reproduction is running in {path.parent} (it holds {path}); wait for it "
+                                "or use another --out") from err
+        yield
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the runner does with a stage: ``cached`` (skip), ``run`` (from scratch) or ``resume``; in a dry run
+    also ``blocked`` (a config file is missing)."""
+
+    stage: Stage
+    action: str
+    reason: str
+    key: str | None = None  # None while an upstream stage has yet to run (dry run)
+
+
+class Runner:
+    """Runs ``stages`` (a preset, in dependency order) into ``out``."""
+
+    def __init__(self, stages: Sequence[Stage], out: str | Path, *, preset: str, extra_args: Sequence[str] = (),
+                 force: Sequence[str] = (), only: Sequence[str] = (), execute: Execute = run_subprocess,
+                 echo: Callable[[str], None] = print) -> None:
+        """
+        Args:
+            extra_args: appended to every ``train.py`` command (e.g. ``--trainer.devices 8``); part of the keys.
+            force: stages to rerun from scratch (with, through the keys, everything downstream).
+            only: run just these stages and what they need (dependencies come from the cache when finished).
+            execute: runs one command with its output to a log and returns the exit code (tests replace it).
+        """
+        self.stages, self.out, self.preset = list(stages), Path(out), preset
+        self.extra_args, self.force, self.execute, self.echo = list(extra_args), set(force), execute, echo
+        by_name = {s.name: s for s in self.stages}
+        for flag, names in (("--force", force), ("--only", only)):
+            if unknown := [n for n in names if n not in by_name]:
+                raise PipelineError(f"{flag} {' '.join(unknown)}: no such stage in preset {preset!r}; its stages "
+                                    f"are: {', '.join(by_name)}")
+        wanted = set(only) if only else set(by_name)
+        for stage in reversed(self.stages):  # dependencies come earlier: one backward pass closes the set
+            if stage.name in wanted:
+                wanted |= set(stage.deps)
+        self.selected = [s for s in self.stages if s.name in wanted]
+        if outside := self.force - wanted:
+            raise PipelineError(f"--force {' '.join(sorted(outside))}: not among the stages selected by --only")
+        self._versions: dict | None = None
+
+    # ------------------------------------------------------------------------------------------- decisions
+
+    def decide(self, stage: Stage, dep_ids: dict[str, str] | None) -> Decision:
+        """``dep_ids`` maps each dependency to its run id; None if one of them is yet to run."""
+        directory = stage_dir(self.out, stage.name)
+        if dep_ids is None:
+            return Decision(stage, "run", "an upstream stage reruns")
+        key = stage_key(stage, preset=self.preset, dep_ids=dep_ids, extra_args=self.extra_args)
+        if stage.name in self.force:
+            return Decision(stage, "run", "forced (--force)", key)
+        has_checkpoint = stage.kind == "train" and last_checkpoint(self.out, stage.name).is_file()
+        record = read_json(directory / STAGE_JSON)
+        if record is not None and record.get("key") == key and (stage.kind == "measure" or has_checkpoint):
+            return Decision(stage, "cached", "finished with the same key", key)
+        attempt = read_json(directory / ATTEMPT_JSON)
+        if has_checkpoint and attempt is not None and attempt.get("key") == key:
+            return Decision(stage, "resume", "unfinished run with the same key and a last.ckpt", key)
+        if record is None:
+            return Decision(stage, "run", "not run yet", key)
+        if record.get("key") == key:
+            return Decision(stage, "run", "its last.ckpt is missing", key)
+        return Decision(stage, "run", "inputs changed (config bytes, arguments or an upstream run)", key)
+
+    def missing_configs(self) -> dict[str, list[Path]]:
+        """Config files of selected stages that do not exist, by stage."""
+        missing = {s.name: [f for f in s.config_files() if not f.is_file()] for s in self.selected}
+        return {name: files for name, files in missing.items() if files}
+
+    def plan(self) -> list[Decision]:
+        """Every selected stage's decision, without running anything (``--dry-run``)."""
+        decisions: dict[str, Decision] = {}
+        missing = self.missing_configs()
+        for stage in self.selected:
+            if stage.name in missing:
+                files = ", ".join(map(str, missing[stage.name]))
+                decisions[stage.name] = Decision(stage, "blocked", f"missing {files}")
+                continue
+            upstream_reruns = any(decisions[d].action != "cached" for d in stage.deps)
+            decisions[stage.name] = self.decide(stage, None if upstream_reruns else self._dep_ids(stage))
+        return list(decisions.values())
+
+    def _dep_ids(self, stage: Stage) -> dict[str, str]:
+        ids = {}
+        for dep in stage.deps:
+            record = read_json(stage_dir(self.out, dep) / STAGE_JSON) or {}
+            if not record.get("run_id"):
+                raise PipelineError(f"stage {stage.name!r} needs {dep!r}, which has not finished "
+                                    f"({stage_dir(self.out, dep) / STAGE_JSON} is missing or damaged)")
+            ids[dep] = record["run_id"]
+        return ids
+
+    # --------------------------------------------------------------------------------------------- running
+
+    def run(self) -> dict[str, dict]:
+        """Run (or skip) every selected stage in order; the stage records. Raises StageFailed on the first
+        failure, after which nothing else runs."""
+        if missing := self.missing_configs():  # fail now, not after hours of upstream training
+            raise PipelineError("missing config files: " + "; ".join(
+                f"stage {name!r} needs {', '.join(map(str, files))}" for name, files in missing.items())
+                + ". Write them, or leave those stages out with --only STAGE ...")
+        reproduction = self.reproduction_id()
+        with exclusive(self.out / LOCK):
+            return self._run_all(reproduction)
+
+    def _run_all(self, reproduction: str) -> dict[str, dict]:
+        records = {}
+        for i, stage in enumerate(self.selected, start=1):
+            decision = self.decide(stage, self._dep_ids(stage))
+            prefix = f"[{i}/{len(self.selected)}] {stage.name}:"
+            if decision.action == "cached":
+                self.echo(f"{prefix} cached ({decision.reason})")
+                records[stage.name] = read_json(stage_dir(self.out, stage.name) / STAGE_JSON)
+                continue
+            self.echo(f"{prefix} {decision.action} ({decision.reason}); log: {stage_dir(self.out, stage.name) / LOG}")
+            records[stage.name] = self._run_stage(decision, reproduction)
+            self.echo(f"{prefix} done in {records[stage.name]['timings']['total'] / 60:.1f} min")
+        return records
+
+    def reproduction_id(self) -> str:
+        """One id per OUT folder (kept across reruns): the wandb group of every stage."""
+        path = self.out / REPRODUCTION_JSON
+        info = read_json(path)
+        if info is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            info = {"id": f"{self.preset}-{datetime.now():%Y%m%d-%H%M%S}", "preset": self.preset, "created": now()}
+            write_json_atomic(path, info)
+        elif info.get("preset") != self.preset:
+            raise PipelineError(f"{self.out} holds a reproduction of preset {info.get('preset')!r}, not "
+                                f"{self.preset!r}: choose another --out")
+        return info["id"]
+
+    def _run_stage(self, decision: Decision, reproduction: str) -> dict:
+        stage, directory = decision.stage, stage_dir(self.out, decision.stage.name)
+        resume = decision.action == "resume"
+        if not resume:
+            self._clear(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        log = directory / LOG
+        started, start = now(), time.monotonic()
+        write_json_atomic(directory / ATTEMPT_JSON, {"key": decision.key, "started": started})
+        env = {**os.environ, "WANDB_RUN_GROUP": reproduction, "WANDB_JOB_TYPE": stage.name,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        steps = commands(stage, self.out, self.extra_args, resume=resume)
+        timings = {}
+        for label, argv in steps:
+            if label != "fit":  # a test / measure output of an earlier attempt must not be read as this one's
+                shutil.rmtree(directory / label, ignore_errors=True)
+                (directory / MEASURE_JSON).unlink(missing_ok=True)
+            t0 = time.monotonic()
+            code = self.execute(argv, log, env)
+            timings[label] = round(time.monotonic() - t0, 2)
+            if code != 0:
+                raise StageFailed(stage.name, label, code, log, argv)
+            if label == "fit" and not last_checkpoint(self.out, stage.name).is_file():
+                raise StageFailed(stage.name, label, code, log, argv, why=(
+                    f"fit wrote no {last_checkpoint(self.out, stage.name)}: its config needs a "
+                    "pytorch_lightning.callbacks.ModelCheckpoint with save_last: true"))
+        try:
+            results = self._results(stage, directory)
+        except (outputs.MissingOutputs, OSError, ValueError, KeyError) as err:
+            raise StageFailed(stage.name, "results", 0, log, steps[-1][1], why=str(err)) from err
+        timings["total"] = round(time.monotonic() - start, 2)
+        record = {
+            "stage": stage.name, "kind": stage.kind, "key": decision.key,
+            "run_id": f"{decision.key[:16]}-{now()}", "preset": self.preset, "reproduction": reproduction,
+            "config": stage.config, "measure": stage.measure, "overrides": list(stage.overrides),
+            "extra_args": self.extra_args, "seed": seed_of(stage), "deps": self._dep_ids(stage),
+            "commands": {label: argv for label, argv in steps}, "resumed": resume,
+            "results": results, "artifacts": self._artifacts(stage, directory),
+            "timings": timings, "started": started, "finished": now(), "versions": self.versions(),
+        }
+        write_json_atomic(directory / STAGE_JSON, record)
+        return record
+
+    def _clear(self, directory: Path) -> None:
+        """Start a stage afresh: delete its folder if the pipeline made it; move anything else aside."""
+        if not directory.exists():
+            return
+        if (directory / ATTEMPT_JSON).exists() or (directory / STAGE_JSON).exists():
+            shutil.rmtree(directory)
+        elif any(directory.iterdir()):  # e.g. a run made by hand: never delete someone's work
+            aside = directory.with_name(f"{directory.name}.before-{datetime.now():%Y%m%d-%H%M%S}")
+            directory.rename(aside)
+            self.echo(f"  {directory} was not made by the pipeline: moved to {aside}")
+
+    def _results(self, stage: Stage, directory: Path) -> dict:
+        if stage.kind == "measure":
+            results = read_json(directory / MEASURE_JSON)
+            if results is None:
+                raise outputs.MissingOutputs(f"the measure {stage.measure!r} wrote no {directory / MEASURE_JSON}")
+            return results
+        return {t.label: outputs.read_test_run(directory / t.label) for t in stage.tests}
+
+    def _artifacts(self, stage: Stage, directory: Path) -> dict:
+        grid = outputs.constructed_grid(directory / LOG) if stage.kind == "train" else None
+        return {"checkpoint": str(last_checkpoint(self.out, stage.name)) if stage.kind == "train" else None,
+                "examples_grid": grid}
+
+    def versions(self) -> dict:
+        if self._versions is None:
+            self._versions = versions()
+        return self._versions

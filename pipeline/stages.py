@@ -1,0 +1,205 @@
+"""A stage of the reproduction, its cache key and the commands it runs.
+
+A *train* stage is ``python train.py fit --config C [overrides] --run_dir OUT/<stage>`` followed by one
+``python train.py test ... --ckpt_path OUT/<stage>/checkpoints/last.ckpt`` per entry of ``tests`` (each with its
+own run directory ``OUT/<stage>/<label>``, so their results stay apart). A *measure* stage is
+``python -m pipeline.measure NAME --out OUT/<stage> [args]``. Either can be copied from ``stage.log`` and run
+by hand.
+
+Arguments may name other stages' outputs with placeholders, expanded when the command is built:
+``{ckpt:NAME}`` -> ``OUT/NAME/checkpoints/last.ckpt``, ``{dir:NAME}`` -> ``OUT/NAME``, ``{out}`` -> ``OUT``.
+A stage must list every stage it refers to in ``deps``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / "train.py"
+MEASURE_MODULE = "pipeline/measure.py"  # the "config" of a measure stage: its code enters the key
+KEY_FORMAT = 1  # bump when the meaning of a key field changes
+PLACEHOLDER = re.compile(r"\{(ckpt|dir):([A-Za-z0-9_]+)\}|\{out\}")
+
+
+class StageError(ValueError):
+    """A stage or a preset is malformed (missing config, unknown dependency, ...); the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Test:
+    """One ``train.py test`` run of a train stage: results under ``label``, extra arguments ``args``."""
+
+    label: str
+    args: tuple[str, ...] = ()
+
+
+TEST = (Test("test"),)
+# D_det-style datasets are also scored against the shifted labels y + 1 (Ilyas Table 1, Nakkiran 4.2).
+TEST_AND_SHIFTED = (Test("test"), Test("test_shift1", ("--data.init_args.test_label_shift", "1")))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the graph. ``config`` is a YAML config (train stage) or ``MEASURE_MODULE`` (measure stage,
+    with ``measure`` naming the function of ``pipeline.measure``)."""
+
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    deps: tuple[str, ...] = ()
+    tests: tuple[Test, ...] = TEST
+    measure: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "measure" if self.measure else "train"
+
+    def config_files(self) -> list[Path]:
+        """The config plus every ``--config FILE`` among the overrides, resolved against the repository."""
+        files = [self.config] + [b for a, b in zip(self.overrides, self.overrides[1:], strict=False) if a == "--config"]
+        return [resolve(f) for f in files]
+
+    def referenced(self) -> set[str]:
+        """Names of the stages the arguments refer to through placeholders."""
+        args = [*self.overrides, *(a for t in self.tests for a in t.args)]
+        return {m.group(2) for a in args for m in PLACEHOLDER.finditer(a) if m.group(2)}
+
+
+def train_stage(name: str, config: str, *overrides: str, deps: Sequence[str] = (),
+                tests: tuple[Test, ...] = TEST) -> Stage:
+    return Stage(name, config, tuple(overrides), tuple(deps), tests)
+
+
+def measure_stage(name: str, function: str, *args: str, deps: Sequence[str] = ()) -> Stage:
+    return Stage(name, MEASURE_MODULE, tuple(args), tuple(deps), tests=(), measure=function)
+
+
+def ckpt_list(*names: str) -> str:
+    """A YAML list of the named stages' last checkpoints, for ``--data.init_args.sources``."""
+    return "[" + ", ".join(f'"{{ckpt:{n}}}"' for n in names) + "]"
+
+
+def resolve(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO / path
+
+
+def check_graph(stages: Sequence[Stage]) -> None:
+    """Names are unique, dependencies come earlier in the list, placeholders name dependencies."""
+    seen: set[str] = set()
+    for stage in stages:
+        if stage.name in seen:
+            raise StageError(f"stage {stage.name!r} is defined twice")
+        if unknown := [d for d in stage.deps if d not in seen]:
+            raise StageError(f"stage {stage.name!r} depends on {unknown}, which are not defined before it")
+        if undeclared := stage.referenced() - set(stage.deps):
+            raise StageError(f"stage {stage.name!r} refers to {sorted(undeclared)} in its arguments; add them to "
+                             "its deps so they run first and enter its key")
+        seen.add(stage.name)
+
+
+# ------------------------------------------------------------------------------------------------- the key
+
+
+def file_sha256(path: Path, stage: str) -> str:
+    if not path.is_file():
+        raise StageError(f"stage {stage!r}: config {path} does not exist. Write it, or run the other stages with "
+                         f"--only (e.g. --only standard)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_args: Sequence[str] = ()) -> str:
+    """sha256 of everything that determines the stage's result: the bytes of its config file(s), its arguments
+    (placeholders unexpanded, so the key does not depend on where OUT is), the pass-through trainer arguments,
+    the preset, and the run ids of its dependencies (a rerun upstream changes them, so keys chain)."""
+    description = {
+        "format": KEY_FORMAT,
+        "preset": preset,
+        "kind": stage.kind,
+        "measure": stage.measure,
+        "configs": [file_sha256(f, stage.name) for f in stage.config_files()],
+        "overrides": list(stage.overrides),
+        "tests": [[t.label, list(t.args)] for t in stage.tests],
+        "extra_args": list(extra_args) if stage.kind == "train" else [],
+        "deps": {d: dep_ids[d] for d in stage.deps},
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- the commands
+
+
+def stage_dir(out: Path, name: str) -> Path:
+    return out / name
+
+
+def last_checkpoint(out: Path, name: str) -> Path:
+    return out / name / "checkpoints" / "last.ckpt"
+
+
+def expand(arg: str, out: Path) -> str:
+    """Replace the placeholders of one argument by paths under ``out``."""
+
+    def path(match: re.Match) -> str:
+        kind, name = match.group(1), match.group(2)
+        if kind == "ckpt":
+            return str(last_checkpoint(out, name))
+        return str(stage_dir(out, name)) if kind == "dir" else str(out)
+
+    return PLACEHOLDER.sub(path, arg)
+
+
+def _expanded(args: Sequence[str], out: Path) -> list[str]:
+    # Config files are found relative to the repository, wherever the pipeline is started from.
+    args = [expand(a, out) for a in args]
+    return [str(resolve(b)) if a == "--config" else b for a, b in zip(["", *args], args, strict=False)]
+
+
+def fit_command(stage: Stage, out: Path, extra_args: Sequence[str] = (), *, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, str(TRAIN_PY), "fit", "--config", str(resolve(stage.config)),
+           *_expanded(stage.overrides, out), *extra_args, "--run_dir", str(stage_dir(out, stage.name))]
+    # ckpt_path "last": Lightning resumes from the newest last*.ckpt in the ModelCheckpoint's dirpath.
+    return cmd + ["--ckpt_path", "last"] if resume else cmd
+
+
+def test_command(stage: Stage, test: Test, out: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, str(TRAIN_PY), "test", "--config", str(resolve(stage.config)),
+            *_expanded(stage.overrides, out), *extra_args, *_expanded(test.args, out),
+            "--run_dir", str(stage_dir(out, stage.name) / test.label),
+            "--ckpt_path", str(last_checkpoint(out, stage.name))]
+
+
+def measure_command(stage: Stage, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.measure", stage.measure, "--out", str(stage_dir(out, stage.name)),
+            *_expanded(stage.overrides, out)]
+
+
+def commands(stage: Stage, out: Path, extra_args: Sequence[str] = (), *, resume: bool = False
+             ) -> list[tuple[str, list[str]]]:
+    """The (step label, argv) pairs a stage runs, in order: ``fit`` then its tests, or ``measure``."""
+    if stage.kind == "measure":
+        return [("measure", measure_command(stage, out))]
+    return [("fit", fit_command(stage, out, extra_args, resume=resume)),
+            *((t.label, test_command(stage, t, out, extra_args)) for t in stage.tests)]
+
+
+def seed_of(stage: Stage) -> int | None:
+    """The seed a train stage runs with: ``--seed_everything`` among its overrides, else its config's."""
+    if stage.kind != "train":
+        return None
+    for flag, value in zip(stage.overrides, stage.overrides[1:], strict=False):
+        if flag == "--seed_everything":
+            return int(value)
+    import yaml
+
+    for path in reversed(stage.config_files()):  # later --config files win
+        if path.is_file() and "seed_everything" in (config := yaml.safe_load(path.read_text()) or {}):
+            return config["seed_everything"]
+    return None
