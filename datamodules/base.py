@@ -104,6 +104,11 @@ class InMemoryDataModule(pl.LightningDataModule):
                 labels of D_det; validation always uses the true labels.
         """
         super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("train_size", train_size, 1), ("val_size", val_size, 0),
+                                 ("crop_padding", crop_padding, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}; fix data.init_args.{name}")
         self.save_hyperparameters()
         self.data_dir = resolve_data_dir(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -119,6 +124,17 @@ class InMemoryDataModule(pl.LightningDataModule):
         if self.train is not None:
             return
         train_x, train_y, test_x, test_y = self.load()
+        self.check_split("training", train_x, train_y)
+        self.check_split("test", test_x, test_y)
+        n = len(train_y)
+        if self.val_size >= n:
+            raise ValueError(f"val_size={self.val_size} leaves no training examples: {type(self).__name__} has "
+                             f"{n}; use val_size < {n} (0 validates on the test set)")
+        if self.train_size is not None and self.train_size > n - self.val_size:
+            held_out = f" after holding out val_size={self.val_size}" if self.val_size else ""
+            raise ValueError(f"train_size={self.train_size} is larger than the {n - self.val_size} training examples "
+                             f"of {type(self).__name__}{held_out}; use train_size <= {n - self.val_size}, or null "
+                             "for all of them")
         keep = torch.arange(len(train_y))
         if self.val_size:
             val_idx = balanced_subset(train_y, self.val_size, self.seed + 1)
@@ -134,6 +150,35 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.test = test_x, (test_y + self.test_label_shift) % self.num_classes
         self.train_indices = keep  # positions in the original training set, for constructed datasets
 
+    def check_split(self, split: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Refuse data that would train silently wrong: mismatched lengths, labels outside [0, num_classes),
+        NaN / inf images. (Value ranges are the loaders' business: the squares toy is not in [0, 1].)"""
+        where = f"{type(self).__name__} {split} set"
+        if len(x) != len(y) or y.dim() != 1:
+            raise ValueError(f"{where}: {len(x)} images but labels of shape {tuple(y.shape)}")
+        if len(y) and (y.is_floating_point() or y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(f"{where}: labels must be integers in [0, {self.num_classes}), got {y.dtype} in "
+                             f"[{y.min()}, {y.max()}]; check the dataset files (or num_classes)")
+        if x.is_floating_point() and x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():
+            # aminmax propagates NaN and shows infinities: one pass over the data
+            raise ValueError(f"{where}: images contain NaN or inf values; the files are damaged or were written "
+                             "by a broken generator: rebuild them")
+
+    def state_dict(self) -> dict:
+        # Lightning checkpoints no random number generator, and augmentation (and random attack starts) draw
+        # from the global ones: without this a run resumed with --ckpt_path crops and flips differently from
+        # an uninterrupted one. Ranks draw alike, so rank 0's state (the one saved) is every rank's.
+        state = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state()  # the current device's only: no context on the others
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
@@ -143,6 +188,17 @@ class InMemoryDataModule(pl.LightningDataModule):
         return DataLoader(batches, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
+        # Training drops incomplete batches: every rank (one shared permutation, an equal share each) must
+        # hold at least one full per-device batch. No divisibility is required of batch_size or the set size.
+        _, world = world_info()
+        per_device = len(self.train[1]) // world
+        if per_device < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(self.train[1])} examples, {per_device} per device over {world} "
+                f"device(s): fewer than batch_size={self.batch_size}, so there is no full batch to train on "
+                "(incomplete batches are dropped). Lower data.init_args.batch_size (it is per device) or train "
+                "on more examples"
+            )
         return self._loader(self.train, train=True)
 
     def val_dataloader(self) -> DataLoader:

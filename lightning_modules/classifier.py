@@ -68,6 +68,13 @@ class ClassifierModule(pl.LightningModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {SCHEDULES}")
+        checks = {"lr": (lr, lr > 0, "> 0"), "weight_decay": (weight_decay, weight_decay >= 0, ">= 0"),
+                  "momentum": (momentum, 0 <= momentum < 1, "in [0, 1)"), "lr_gamma": (lr_gamma, lr_gamma > 0, "> 0"),
+                  "label_smoothing": (label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+                  "warmup_fraction": (warmup_fraction, 0 <= warmup_fraction < 1, "in [0, 1)")}
+        for name, (value, ok, allowed) in checks.items():
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise ValueError(f"{name} must be {allowed}, got {value!r}; fix model.init_args.{name}")
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels, mean, std, **(arch_kwargs or {}))
         if channels_last:
@@ -89,6 +96,14 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch
         logits = self(self.training_inputs(x, y))
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):  # one check of a scalar; stop before the update spreads NaN to the weights
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx} "
+                f"(global step {self.global_step}); training stopped before this update. Usual causes: a learning "
+                "rate too high for the schedule, NaN/inf in the inputs, fp16 overflow. Fix: lower model.init_args.lr "
+                "(or add warm-up), check the data, use precision 32-true or bf16-mixed, or set "
+                "trainer.gradient_clip_val; resume from the last good checkpoint with --ckpt_path"
+            )
         self.metrics["train_"](logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.metrics["train_"], prog_bar=True, on_step=True, on_epoch=True)

@@ -3,6 +3,7 @@ real CIFAR-10, a training set generated from source checkpoint(s) by a recipe, t
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from datamodules.base import as_float_images, world_info
 from datamodules.cifar10 import CLASSES
 from datamodules.constructed.engine import PRECISIONS, ConstructedSet, Generation, construct
 from datamodules.constructed.sources import load_source
+from datamodules.files import write_bytes_atomic
 from datamodules.real import CIFAR10DataModule
 from datamodules.recipes import Recipe
 
@@ -124,10 +126,10 @@ class ConstructedDataModule(CIFAR10DataModule):
         grid = self.constructed.directory / GRID
         figure = example_grid(*self.clean_train, self.constructed.x, self.constructed.y, self.grid_examples,
                               title=f"{self.recipe.name} {self.recipe.config()}")
-        if not grid.exists():
-            tmp = grid.with_name("examples.tmp.png")
-            figure.savefig(tmp, dpi=100)
-            tmp.replace(grid)
+        if not grid.exists():  # several jobs may share the cache: write under a unique temporary name
+            png = io.BytesIO()
+            figure.savefig(png, dpi=100, format="png")
+            write_bytes_atomic(grid, png.getvalue())
         for logger in self.trainer.loggers if self.trainer is not None else []:
             logger.log_metrics(metrics, step=0)
             if isinstance(logger, TensorBoardLogger):

@@ -1,9 +1,11 @@
 """The generation engine: shards over ranks, per-example seeds, the NaN guard, the content-addressed cache.
 
 ``construct(generation, cache_dir)`` returns the whole constructed training set on every rank:
-1. every rank checks the shards it owns (shard i belongs to rank i % world) and generates the missing or
-   damaged ones, batch by batch, each written atomically as soon as it is done (so a killed run resumes);
-2. barrier; rank 0 writes the manifest (last) from the shards' records;
+1. every rank checks the shards it owns (shard i belongs to rank i % world); if some are missing or damaged
+   it checks that the cache directory is writable and has room for them (before any work), then generates
+   them batch by batch, each under its shard lock and written atomically as soon as it is done (so a killed
+   run resumes, and another job asking for the same set waits for that shard and reuses it, see store.py);
+2. barrier; rank 0 writes the manifest (last, under its lock) from the shards' records;
 3. barrier; every rank loads every shard, checking its sha256 against the manifest.
 Each example's randomness comes from a generator seeded with (seed, original index), and shards and batches
 are fixed by the config, so the bytes do not depend on the number of processes or on interruptions (measured
@@ -26,9 +28,11 @@ from rich.progress import Progress
 from datamodules.base import as_float_images, world_info
 from datamodules.constructed.sources import Source
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
+from datamodules.files import check_output_dir
 from datamodules.recipes import Batch, Recipe, RecipeOutput
 
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+SPACE_MARGIN = 1.05, 64 << 20  # free space asked for beyond the estimate: 5% plus 64 MiB (logs, other writers)
 
 __all__ = ["CacheWarning", "ConstructedSet", "Generation", "GenerationError", "construct", "example_generator"]
 
@@ -181,6 +185,60 @@ def make_manifest(gen: Generation, description: dict, key: str, infos: list[dict
     }
 
 
+def estimated_bytes(gen: Generation, examples: int) -> int:
+    """Disk space ``examples`` constructed examples need: float32 images, three int64 fields, the statistics."""
+    return examples * (gen.x[0].numel() * 4 + 3 * 8 + 16 * 4)
+
+
+def preflight(gen: Generation, store: ShardStore, shards: list[range], todo: list[int]) -> None:
+    """Fail before any generation work if the cache directory is unwritable or too full for the shards still
+    to write: ours (``todo``) and those of other ranks not recorded yet (they share the disk)."""
+    ours = set(todo)
+    missing = sum(len(s) for i, s in enumerate(shards) if i in ours or not store.info_path(i).is_file())
+    factor, extra = SPACE_MARGIN
+    check_output_dir(store.dir, int(estimated_bytes(gen, missing) * factor) + extra,
+                     what=f"the constructed dataset ({missing} examples still to generate)",
+                     fix="Make it writable or free space on its disk, or pass cache_dir=<a writable directory on a "
+                         "disk with room, shared by all ranks> (data.init_args.cache_dir in a config).")
+
+
+def generate_missing(gen: Generation, store: ShardStore, shards: list[range], todo: list[int], rank: int) -> int:
+    """Generate the shards ``todo`` unless another process finishes them first; the examples generated here.
+
+    Shards whose lock is free are done first; those another job is generating are waited for afterwards and
+    then reused (or generated, if that job died)."""
+    models = [s.model.to(gen.device) for s in gen.sources]
+    if gen.channels_last:
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    generated = 0
+    batches = {i: -(-len(shards[i]) // gen.batch_size) for i in todo}
+    with Progress(disable=not gen.progress or rank != 0) as progress:
+        task = progress.add_task(f"generating {store.dir.name}", total=sum(batches.values()))
+
+        def ensure(i: int) -> int:  # call with shard i's lock held
+            if store.finished_shard(i) is not None:  # another process finished it meanwhile
+                progress.advance(task, batches[i])
+                return 0
+            tensors, info = generate_shard(gen, models, shards[i], lambda: progress.advance(task))
+            store.write_shard(i, tensors, {**info, "rank": rank})
+            return len(shards[i])
+
+        busy = []
+        for i in todo:
+            lock = store.shard_lock(i)
+            if not lock.acquire(blocking=False):
+                busy.append(i)
+                continue
+            try:
+                generated += ensure(i)
+            finally:
+                lock.release()
+        for i in busy:
+            with store.shard_lock(i):
+                generated += ensure(i)
+    return generated
+
+
 def construct(gen: Generation, cache_dir: str | Path) -> ConstructedSet:
     """Generate (or load from the cache) the constructed set; see the module docstring."""
     description = gen.description()
@@ -188,27 +246,29 @@ def construct(gen: Generation, cache_dir: str | Path) -> ConstructedSet:
     store = ShardStore(Path(cache_dir) / f"{gen.recipe.name}-{key}")
     rank, world = world_info()
     shards = shard_ranges(len(gen.y), gen.shard_size)
-    todo = [i for i in range(rank, len(shards), world) if store.finished_shard(i) is None]
+    # No warnings yet: another job may be writing some of these shards; they are checked again under the lock.
+    todo = [i for i in range(rank, len(shards), world) if store.finished_shard(i, warn=False) is None]
+    generated = 0
     if todo:
-        models = [s.model.to(gen.device) for s in gen.sources]
-        if gen.channels_last:
-            models = [m.to(memory_format=torch.channels_last) for m in models]
-        batches = sum(-(-len(shards[i]) // gen.batch_size) for i in todo)
-        with Progress(disable=not gen.progress or rank != 0) as progress:
-            task = progress.add_task(f"generating {store.dir.name}", total=batches)
-            for i in todo:
-                tensors, info = generate_shard(gen, models, shards[i], lambda: progress.advance(task))
-                store.write_shard(i, tensors, {**info, "rank": rank})
+        preflight(gen, store, shards, todo)
+        generated = generate_missing(gen, store, shards, todo, rank)
     barrier()
     if rank == 0:  # every shard was verified or written by its owner; load() checks the bytes again
         infos = [store.record(i) for i in range(len(shards))]
         if any(info is None for info in infos):
             raise RuntimeError(f"shards missing in {store.dir} after generation (is cache_dir shared by all ranks?)")
-        manifest = store.read_manifest()
-        if manifest is None or [s["sha256"] for s in manifest.get("shards", [])] != [i["sha256"] for i in infos]:
-            store.write_manifest(make_manifest(gen, description, key, infos))
+
+        def current(manifest: dict | None) -> bool:
+            return manifest is not None and [s["sha256"] for s in manifest.get("shards", [])] == [
+                i["sha256"] for i in infos]
+
+        if not current(store.read_manifest()):
+            with store.lock("manifest"):
+                if not current(store.read_manifest(warn=False)):  # another job may have written it meanwhile
+                    store.write_manifest(make_manifest(gen, description, key, infos))
+        store.sweep_locks()  # a killed run leaves its lock files behind
     barrier()
-    return load(store, generated=sum(len(shards[i]) for i in todo))
+    return load(store, generated=generated)
 
 
 def load(store: ShardStore, generated: int = 0) -> ConstructedSet:
