@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules.base import as_float_images
 from datamodules.cifar10 import MEAN as CIFAR_MEAN
 from datamodules.cifar10 import STD as CIFAR_STD
 from lightning_modules.models import build_model
@@ -82,6 +83,14 @@ class ClassifierModule(pl.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {split: MulticlassAccuracy(num_classes, average="micro") for split in ("train_", "val_", "test_")}
         )
+
+    def on_fit_start(self) -> None:
+        # Data-initialised layers (fast_cnn's whitening) are fitted once, from the first 5,000 training images;
+        # a resumed run loads them from the checkpoint instead.
+        datamodule = self.trainer.datamodule
+        train = getattr(datamodule, "train", None)
+        if train is not None:
+            self.model.fit_whitening(as_float_images(train[0][:5000]).to(self.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last and x.dim() == 4:

@@ -41,6 +41,14 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def fit_whitening(self, images: torch.Tensor) -> bool:
+        """Initialise every unfitted :class:`PatchWhitening` layer from training images in pixel units;
+        returns whether there was one to fit."""
+        layers = [m for m in self.modules() if isinstance(m, PatchWhitening) and not bool(m.fitted)]
+        for layer in layers:
+            layer.fit(self.normalize(images.to(layer.conv.weight.device)))
+        return bool(layers)
+
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out)]
@@ -103,16 +111,54 @@ def vgg16_body(in_channels: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), 512
 
 
-def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool: str = "max") -> tuple[nn.Module, int]:
-    """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU,
-    then a global ``pool`` ("max" or "avg") over the last 4x4 map.
+class PatchWhitening(nn.Module):
+    """Airbench's frozen first layer: a 2x2 conv whose filters are the +/- eigenvectors of the training set's
+    2x2-patch covariance scaled by 1/sqrt(eigenvalue + eps), followed by GELU. It amplifies the low-variance
+    (high-frequency) directions of natural images, which speeds up training and makes the network rely more on
+    exactly the small-norm features Ilyas et al. call non-robust. Initialise with :meth:`fit` on (normalised)
+    training images; the weights are buffers-like frozen parameters saved in checkpoints."""
 
-    No separate stem: normalising/activating full-resolution maps costs more than it gives on a CPU.
+    def __init__(self, in_channels: int, eps: float = 5e-4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, padding=0, bias=False)
+        self.conv.weight.requires_grad_(False)
+        self.eps = eps
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        """Set the filters from images ``x`` [N, C, H, W] (already normalised as the model sees them)."""
+        c = x.shape[1]
+        patches = x.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + self.eps).sqrt()[:, None]).float()
+        filters = filters.flip(0).reshape(c * 4, c, 2, 2)
+        self.conv.weight.copy_(torch.cat([filters, -filters]).to(self.conv.weight))
+        self.fitted.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not bool(self.fitted):
+            raise RuntimeError("PatchWhitening was never fitted: call model.fit_whitening(train_images) before "
+                               "training (ClassifierModule does it at the start of fit)")
+        return nn.functional.gelu(self.conv(x))
+
+
+def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool: str = "max",
+                  whiten: bool = False) -> tuple[nn.Module, int]:
+    """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU,
+    then a global ``pool`` ("max" or "avg") over the last map. ``whiten`` prepends airbench's frozen 2x2
+    patch-whitening layer (:class:`PatchWhitening`).
+
+    No learned stem: normalising/activating full-resolution maps costs more than it gives on a CPU.
     """
     if pool not in ("max", "avg"):
         raise ValueError(f"fast_cnn pool must be 'max' or 'avg', got {pool!r}")
     layers: list[nn.Module] = []
     c_in = in_channels
+    if whiten:
+        layers.append(PatchWhitening(in_channels))
+        c_in = 8 * in_channels
     for width in widths:
         layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width),
                    nn.GELU(), *conv_bn(width, width), nn.GELU()]

@@ -48,3 +48,29 @@ def test_bad_names_and_stats_are_explained():
 def test_fast_cnn_widths_configurable():
     model = build_model("fast_cnn", widths=(16, 32, 64))
     assert model.features(torch.rand(1, 3, 32, 32)).shape == (1, 64)
+
+
+def test_patch_whitening_whitens_the_patches_it_was_fitted_on(cifar):
+    """Airbench's frozen stem: after fitting, the 2x2 patches of the training images come out decorrelated with
+    unit variance (up to the eps regulariser), half of the channels being the negatives of the other half."""
+    from lightning_modules.models import PatchWhitening
+
+    model = build_model("fast_cnn", whiten=True)
+    layer = next(m for m in model.modules() if isinstance(m, PatchWhitening))
+    model.train()
+    with pytest.raises(RuntimeError, match="never fitted"):
+        model(torch.rand(2, 3, 32, 32))
+    images = cifar[0][:2000].float() / 255
+    assert model.fit_whitening(images) and not model.fit_whitening(images)  # fitted once only
+    with torch.no_grad():
+        out = layer.conv(model.normalize(images))  # before the GELU
+    assert torch.equal(out[:, :12], -out[:, 12:])
+    flat = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = flat.T @ flat / len(flat)
+    high_variance = cov.diagonal() > 0.9  # directions whose eigenvalue dwarfs eps come out with variance ~1
+    assert high_variance.sum() >= 9
+    assert torch.allclose(cov.diagonal()[high_variance], torch.ones(int(high_variance.sum()), dtype=cov.dtype),
+                          atol=0.1)
+    off = cov - torch.diag(cov.diagonal())
+    assert off.abs().max() < 0.05
+    assert "body.0.fitted" in model.state_dict() and "body.0.conv.weight" in model.state_dict()
