@@ -6,6 +6,7 @@ from datamodules.files import DATA_DIR_ENV, DatasetFilesError, resolve_data_dir
 from datamodules.real import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 from datamodules.recipes import NonTransferableAttack, Recipe, RelabelByAttack, RepresentationInversion
 from datamodules.released import ReleasedDataModule, UnsafeFileError, load_released
+from datamodules.squares import SquaresDataModule, make_squares
 
 __all__ = [
     "CIFAR10DataModule",
@@ -22,8 +23,10 @@ __all__ = [
     "RelabelByAttack",
     "ReleasedDataModule",
     "RepresentationInversion",
+    "SquaresDataModule",
     "UnsafeFileError",
     "balanced_subset",
     "load_released",
+    "make_squares",
     "resolve_data_dir",
 ]

@@ -5,10 +5,11 @@ prediction a Linf PGD attack of radius ``eps`` (0.01) flips, the same fraction a
 a sweep of such fractions over ``sweep`` radii, the train and test accuracy (train accuracy split into the
 label-noise images and the others: memorising the former is what makes the network fragile), and the robustness
 radius of the linear classifier ``sign(mean of the pixels)`` on the same test points (analytic: ``|mean(x)|``).
-Everything is logged as ``test/squares/...`` to every logger and written as ``squares_<n>epochs.json`` (one per
-training length, so the epoch-1 and the last checkpoint of one run can both be measured into the same folder),
-with ``squares.png`` drawing every run of that folder. ``python -m lightning_modules.squares A.json B.json -o
-fig.png`` draws any runs on one figure.
+Everything is logged as ``test/squares/...`` to every logger and written as ``squares.json`` next to the run,
+plus a copy ``squares_<n>epochs.json`` per training length (so the epoch-1 and the last checkpoint of one run
+can both be measured into the same folder) and ``squares.png`` drawing every such copy in the folder.
+``python -m lightning_modules.squares A/squares.json B/squares.json -o fig.png`` draws runs of different folders
+(e.g. the pipeline's ``squares`` and ``squares_1epoch`` stages) on one figure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from attacks.pgd import check_attack_args
 from datamodules.base import as_float_images, world_info
 from datamodules.files import write_bytes_atomic
 
-FIGURE_NAME = "squares.png"
+JSON_NAME, FIGURE_NAME = "squares.json", "squares.png"
 STEPS_PER_EPOCH_KEY = "squares_steps_per_epoch"  # stored in checkpoints by SquaresRobustness
 
 
@@ -160,22 +161,24 @@ class RecalibrateBatchNorm(pl.Callback):
 
 class SquaresRobustness(pl.Callback):
     """At test time: flip fractions under Linf PGD, train/test accuracy and the linear classifier's radius on the
-    squares data, logged as ``test/squares/...`` and written to ``squares_<n>epochs.json`` / ``squares.png``."""
+    squares data, logged as ``test/squares/...`` and written to ``squares.json`` (+ a per-length copy) and
+    ``squares.png``."""
 
-    def __init__(self, eps: float = 0.01, sweep: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3),
+    def __init__(self, eps: float = 0.01, sweep: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
                  steps: int = 20, test_examples: int | None = None, sweep_examples: int | None = 500,
                  batch_size: int = 500, output_dir: str | None = None, label: str | None = None) -> None:
         """
         Args:
             eps: Linf radius of the headline measurement (the spec: 0.01), on ``test_examples`` test points.
-            sweep: further Linf radii for the figure (flip fraction against eps), on ``sweep_examples`` points.
+            sweep: further Linf radii for the figure (flip fraction against eps), on ``sweep_examples`` points;
+                1.0 reaches the linear classifier's radius (~1).
             steps: PGD steps per attack (step size ``2.5 * eps / steps``, no random start, early stop once every
                 point of a batch is flipped).
             test_examples: the first this many test points are attacked at ``eps`` (default: all).
             sweep_examples: the first this many test points are attacked at each ``sweep`` radius (default: all).
             batch_size: attack and evaluation batch size per device.
-            output_dir: folder of ``squares_<n>epochs.json`` and ``squares.png`` (default: the run's log
-                directory).
+            output_dir: folder of ``squares.json``, ``squares_<n>epochs.json`` and ``squares.png`` (default: the
+                run's log directory).
             label: name of the run in figures comparing runs (default: "<arch>, <n> epochs").
         """
         for e in (eps, *sweep):
@@ -325,8 +328,12 @@ class SquaresRobustness(pl.Callback):
     def _report(self, trainer: pl.Trainer) -> None:
         out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(self.results, indent=1, default=str).encode()
+        # squares.json: this measurement (what pipeline/outputs.py reads); squares_<n>epochs.json: kept per
+        # training length, so measuring the epoch-1 and the last checkpoint into one folder keeps both.
+        write_bytes_atomic(out / JSON_NAME, data)
         path = out / json_name(self.results["trained"]["epochs"])
-        write_bytes_atomic(path, json.dumps(self.results, indent=1, default=str).encode())
+        write_bytes_atomic(path, data)
         m, r = self.results["metrics"], self.results["linear_radius"]
         rank_zero_info(
             f"squares ({self.results['label']}): train acc {m['train_acc']:.4f} (label-noise images "
@@ -345,25 +352,22 @@ class SquaresRobustness(pl.Callback):
 
 
 def json_name(epochs: float | None) -> str:
-    """``squares_1epoch.json``, ``squares_20epochs.json``: one file per training length, so measuring the
-    epoch-1 and the last checkpoint of a run into the same folder keeps both."""
-    if epochs is None:
-        return "squares.json"
-    return f"squares_{epochs}epoch{'s' * (epochs != 1)}.json"
+    """The per-training-length copy of the results: ``squares_1epoch.json``, ``squares_20epochs.json``."""
+    return f"squares_{'unknown_' if epochs is None else epochs}epoch{'s' * (epochs != 1)}.json"
 
 
 def load_runs(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    """The contents of ``squares*.json`` files; a folder stands for every such file in it. Sorted by training
-    length."""
+    """The contents of squares JSON files; a folder stands for its per-training-length files
+    (``squares_<n>epochs.json``). Sorted by training length."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.glob("squares*.json"))
+            files += sorted(p.glob("squares_*.json"))
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"{p} not found: `python train.py test --config configs/.../squares.yaml "
-                                    "--ckpt_path ...` writes squares_<n>epochs.json into the run's folder")
+                                    "--ckpt_path ...` writes squares.json into the run's folder")
     runs = [json.loads(f.read_text()) for f in files]
     return sorted(runs, key=lambda run: run["trained"].get("epochs") or 0)
 
@@ -372,7 +376,7 @@ def load_runs(paths: Sequence[str | os.PathLike]) -> list[dict]:
 
 
 def squares_figure(runs: Sequence[Mapping]):
-    """Flip fraction against Linf eps for each run (``squares_*.json`` contents), with the linear classifier's
+    """Flip fraction against Linf eps for each run (contents of a ``squares.json``), with the linear classifier's
     (analytic, on the first run's test points) and its smallest radius marked."""
     import matplotlib
 
@@ -380,7 +384,7 @@ def squares_figure(runs: Sequence[Mapping]):
     import matplotlib.pyplot as plt
 
     if not runs:
-        raise ValueError("squares_figure needs at least one run (the contents of a squares_*.json)")
+        raise ValueError("squares_figure needs at least one run (the contents of a squares.json)")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for run in runs:
         pts = [(r["eps"], r["flip_fraction"]) for r in run["curve"]]
@@ -399,8 +403,8 @@ def squares_figure(runs: Sequence[Mapping]):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Draw squares runs (squares_*.json) on one figure.")
-    parser.add_argument("runs", nargs="+", help="squares_*.json files or folders holding them")
+    parser = argparse.ArgumentParser(description="Draw squares runs (their squares.json) on one figure.")
+    parser.add_argument("runs", nargs="+", help="squares.json files, or folders of squares_<n>epochs.json files")
     parser.add_argument("-o", "--output", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
     try:
@@ -408,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except FileNotFoundError as err:
         raise SystemExit(str(err)) from err
     if not runs:
-        raise SystemExit(f"no squares*.json in {args.runs}; run the test stage first")
+        raise SystemExit(f"no squares_<n>epochs.json in {args.runs}; run the test stage first")
     squares_figure(runs).savefig(args.output, dpi=120)
     print(f"wrote {args.output} ({len(runs)} runs)")
 
