@@ -277,16 +277,23 @@ def test_two_jobs_asking_for_the_same_set_generate_each_example_exactly_once(ckp
 
 
 @pytest.mark.parametrize("obstacle", ["under_a_file", "read_only"])
-def test_an_unwritable_cache_dir_fails_before_any_generation(ckpt, tmp_path, obstacle):
+def test_an_unwritable_cache_dir_fails_before_any_generation(ckpt, tmp_path, obstacle, monkeypatch):
     if obstacle == "under_a_file":
         (tmp_path / "not_a_dir").write_text("")
         cache = tmp_path / "not_a_dir" / "cache"
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root writes through chmod; the 'under_a_file' case covers unwritable paths")
         cache = tmp_path / "ro"
         cache.mkdir()
         cache.chmod(0o500)
+        if os.geteuid() == 0:  # root writes through chmod: make creating files there fail as it would for a user
+            real_open = open
+
+            def read_only_open(path, *args, **kwargs):
+                if cache in Path(path).parents:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                return real_open(path, *args, **kwargs)
+
+            monkeypatch.setattr("builtins.open", read_only_open)
     recipe = Probe("random", steps=3)
     with pytest.raises(OutputDirError) as err:
         construct(generation(ckpt, recipe), cache)
