@@ -59,9 +59,16 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def single_threaded(target: Callable[[], None]) -> None:
+    # A forked child inherits the parent's OpenMP state but not its worker threads: a parallel region with more
+    # than one thread hangs forever (GNU libgomp). One thread runs every region inline.
+    torch.set_num_threads(1)
+    target()
+
+
 def run_forked(target: Callable[[], None], timeout: float = 120) -> int:
     """Run ``target`` in a forked child; its exit code (``-9`` if it was SIGKILLed)."""
-    proc = FORK.Process(target=target)
+    proc = FORK.Process(target=single_threaded, args=(target,))
     proc.start()
     proc.join(timeout)
     if proc.is_alive():
@@ -232,7 +239,7 @@ def test_a_killed_lock_holder_never_blocks_the_next_process(tmp_path):
         held.set()
         time.sleep(120)
 
-    proc = FORK.Process(target=holder)
+    proc = FORK.Process(target=single_threaded, args=(holder,))
     proc.start()
     try:
         assert held.wait(30)
@@ -260,7 +267,7 @@ def test_two_jobs_asking_for_the_same_set_generate_each_example_exactly_once(ckp
                 "ended": time.time()}))
         return run
 
-    procs = [FORK.Process(target=job(k)) for k in (0, 1)]
+    procs = [FORK.Process(target=single_threaded, args=(job(k),)) for k in (0, 1)]
     for proc in procs:
         proc.start()
     for proc in procs:
