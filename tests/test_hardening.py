@@ -340,7 +340,19 @@ def test_a_write_that_hits_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_
 
 
 def fit_small(root: Path, data_dir: Path, *, ckpt_path: str | None = None, callbacks=()) -> dict:
-    """2 epochs of a tiny CNN on 512 real CIFAR-10 images (augmented), fp32 on the CPU; the final weights."""
+    """2 epochs of a tiny CNN on 512 real CIFAR-10 images (augmented), fp32 on the CPU; the final weights.
+
+    One intra-op thread, like the forked children: bitwise equality needs the same reduction order in every run.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_small(root, data_dir, ckpt_path=ckpt_path, callbacks=callbacks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_small(root: Path, data_dir: Path, *, ckpt_path: str | None, callbacks) -> dict:
     pl.seed_everything(0)
     dm = CIFAR10DataModule(data_dir=str(data_dir), train_size=512, batch_size=64, eval_batch_size=250)
     model = ClassifierModule(**SMALL_CNN, lr=0.05, nesterov=True, lr_schedule="linear", warmup_fraction=0.2,
