@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pipeline.stages import TEST_AND_SHIFTED, Stage, check_graph, ckpt_list, measure_stage, train_stage
+from pipeline.stages import NO_SWEEP, TEST_AND_SHIFTED, Stage, check_graph, ckpt_list, measure_stage, train_stage
 
 NORMS = ("l2", "linf")
 
 
 def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: Sequence[str],
-           nakkiran_arch: str | None = None, base: Sequence[str] = (), constructed: Sequence[str] = ()) -> list[Stage]:
+           nakkiran_arch: str | None = None, base: Sequence[str] = (), constructed: Sequence[str] = (),
+           helpers: Sequence[str] = ()) -> list[Stage]:
     """The whole debate over the configs in ``configs``.
 
     Args:
@@ -38,6 +39,8 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
             1..k and ``fresh``.
         base: arguments added to every train stage (e.g. a second --config).
         constructed: arguments added to every stage that trains on a constructed dataset (e.g. its cache_dir).
+        helpers: arguments added to the ensemble members and the fresh model, which only serve as attack
+            sources and transfer targets (e.g. fewer epochs, no attack sweep).
     """
     def cfg(name: str) -> str:
         return f"{configs}/{name}.yaml"
@@ -51,13 +54,14 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
     members = [f"ensemble_seed_{i}" for i in range(1, ensemble + 1)]
     nakkiran_models = [] if nakkiran_arch is None else [
         train_stage(target, cfg("standard"), *base, *arch),
-        train_stage(fresh, cfg("standard"), *base, *arch, "--seed_everything", "100")]
+        train_stage(fresh, cfg("standard"), *base, *arch, *helpers, "--seed_everything", "100")]
     return [
         train_stage("standard", cfg("standard"), *base),
         train_stage("adversarial_l2", cfg("adversarial_l2"), *base),
         *nakkiran_models,
-        *(train_stage(m, cfg("standard"), *base, *arch, "--seed_everything", str(i)) for i, m in enumerate(members, 1)),
-        train_stage("fresh", cfg("standard"), *base, "--seed_everything", "100"),
+        *(train_stage(m, cfg("standard"), *base, *arch, *helpers, "--seed_everything", str(i))
+          for i, m in enumerate(members, 1)),
+        train_stage("fresh", cfg("standard"), *base, *helpers, "--seed_everything", "100"),
         train_stage("d_rand", cfg("d_rand"), *base, *on("standard"), deps=["standard"]),
         train_stage("d_det", cfg("d_det"), *base, *on("standard"), deps=["standard"], tests=TEST_AND_SHIFTED),
         train_stage("d_robust", cfg("d_robust"), *base, *on("adversarial_l2"), deps=["adversarial_l2"]),
@@ -83,9 +87,13 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
 
 
 def mini() -> list[Stage]:
-    """CPU preset: configs/mini (fast CNN, CIFAR-10), 3 ensemble members; about a day on 2 cores."""
+    """CPU preset: configs/mini (whitened fast CNN, real CIFAR-10), 3 ensemble members and a fresh model trained
+    for 4 epochs instead of 8 (they are attack sources and transfer targets only), constructed datasets cached
+    under OUT/constructed. Budget: 120 minutes on 2 cores (README, measured)."""
     return debate("configs/mini", ensemble=3, transfer_examples=1000,
-                  ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "10"])
+                  ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "10"],
+                  constructed=["--data.init_args.cache_dir", "{out}/constructed"],
+                  helpers=["--config", NO_SWEEP, "--trainer.max_epochs", "4"])
 
 
 def paper() -> list[Stage]:

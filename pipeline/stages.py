@@ -41,8 +41,10 @@ class Test:
 
 
 TEST = (Test("test"),)
-# D_det-style datasets are also scored against the shifted labels y + 1 (Ilyas Table 1, Nakkiran 4.2).
-TEST_AND_SHIFTED = (Test("test"), Test("test_shift1", ("--data.init_args.test_label_shift", "1")))
+NO_SWEEP = "configs/overlays/no_sweep.yaml"  # overlay: checkpoints only, no accuracy-under-attack evaluation
+# D_det-style datasets are also scored against the shifted labels y + 1 (Ilyas Table 1, Nakkiran 4.2); robust
+# accuracy against shifted labels means nothing, so that test skips the attack sweep.
+TEST_AND_SHIFTED = (Test("test"), Test("test_shift1", ("--data.init_args.test_label_shift", "1", "--config", NO_SWEEP)))
 
 
 @dataclass(frozen=True)
