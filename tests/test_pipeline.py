@@ -14,7 +14,7 @@ from pipeline import claims
 from pipeline.presets import preset
 from pipeline.report import write_report
 from pipeline.runner import ATTEMPT_JSON, LOG, STAGE_JSON, PipelineError, Runner, StageFailed
-from pipeline.stages import TEST_AND_SHIFTED, ckpt_list, measure_stage, stage_key, train_stage
+from pipeline.stages import NO_SWEEP, TEST_AND_SHIFTED, ckpt_list, measure_stage, resolve, stage_key, train_stage
 
 
 class FakeRun:
@@ -109,6 +109,33 @@ def test_every_preset_is_a_valid_graph():
     paper = {s.name: s for s in preset("paper")}  # Nakkiran's models are ResNet-18s, Ilyas's ResNet-50s
     assert paper["nakkiran_ddet_l2"].deps[0] == "standard_resnet18" and "resnet18" in paper["ensemble_seed_1"].overrides
     assert paper["transfer"].deps[-1] == "fresh_resnet18" and "resnet18" not in paper["fresh"].overrides
+
+
+def test_mini_helpers_train_briefly_without_sweeps_and_main_stages_keep_theirs():
+    mini = {s.name: s for s in preset("mini")}
+    for name in ("ensemble_seed_1", "ensemble_seed_3", "fresh"):
+        assert list(mini[name].overrides[:4]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "4"], name
+    for name in ("standard", "adversarial_l2", "d_det", "nakkiran_ddet_linf"):
+        assert NO_SWEEP not in mini[name].overrides, name
+    assert [NO_SWEEP in t.args for t in mini["d_det"].tests] == [False, True]  # the shifted test only
+
+
+def callbacks_of(*args: str, capsys) -> list[str]:
+    """The callback classes LightningCLI would build for ``train.py fit ARGS`` (parsed, nothing run)."""
+    from unittest import mock
+
+    import yaml
+
+    with pytest.raises(SystemExit), mock.patch("sys.argv", ["train.py"]):  # args only: pytest's argv is not ours
+        train.main(["fit", *args, "--print_config"])
+    return [c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]]
+
+
+def test_no_sweep_overlay_drops_the_attack_callback_and_keeps_the_checkpoint(capsys):
+    standard = str(resolve("configs/mini/standard.yaml"))
+    assert "RobustAccuracy" in callbacks_of("--config", standard, capsys=capsys)
+    assert callbacks_of("--config", standard, "--config", str(resolve(NO_SWEEP)), capsys=capsys) == [
+        "ModelCheckpoint", "LearningRateMonitor"]
 
 
 # ---------------------------------------------------------------------------------- caching and --force
