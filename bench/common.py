@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from datamodules.augment import random_crop_flip
 from datamodules.base import TensorBatches
 from datamodules.cifar10 import load_cifar10
+from datamodules.constructed.sources import load_source
 from datamodules.files import resolve_data_dir
 from lightning_modules.models import Classifier, build_model
 
@@ -229,6 +230,9 @@ def train_briefly(arch: str, data: Cifar, recipe: TrainRecipe) -> Classifier:
 def load_weights(arch: str, path: str | Path) -> Classifier:
     """A model from a Lightning checkpoint (``model.``-prefixed keys) or a plain ``state_dict`` file."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
+    if "hyper_parameters" in obj and "state_dict" in obj:
+        # The suite's own checkpoints: rebuilt from their hyperparameters (the mini configs' whitened stem).
+        return load_source(path, arch=arch).model
     state = obj.get("state_dict", obj)
     if any(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}

@@ -7,10 +7,12 @@
 Sections: 1. attack throughput and success (ours / torchattacks / robustness, fast CNN and ResNet-18);
 2. training throughput (Lightning vs a plain loop, standard and adversarial); 3. efficiency against the
 measured matrix-multiply rate; 4. the issue's targets, with a torch.profiler table of one attack step;
-5. what cannot be measured yet. Every figure is a median over ``--reps`` repetitions after a warm-up, and
+5. Nakkiran's ensemble loss, batched (vmap) vs a loop over the models; 6. dataset generation through the
+suite's engine, 1 process vs 2. Every figure is a median over ``--reps`` repetitions after a warm-up, and
 every ratio compares figures of the same run. The attacked models are trained briefly inside the run on real
 CIFAR-10, or loaded with ``--checkpoint ARCH=PATH`` (``--save-checkpoints runs/bench`` keeps trained ones for
-that). Data: ``--data-dir``, else ``$BOF_DATA_DIR``, else ./data.
+that); ``fast_cnn=PATH`` is also the source model of section 6. Data: ``--data-dir``, else ``$BOF_DATA_DIR``,
+else ./data.
 The MadryLab ``robustness`` library is optional: ``--robustness-path DIR`` (or ``$BOF_ROBUSTNESS_PATH``) adds a
 directory holding it to sys.path, e.g. one made with ``pip install --no-deps --target DIR robustness dill
 pandas cox tensorboardX`` (never a dependency of the suite).
@@ -38,10 +40,10 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler: no device-prob
 
 import torch  # noqa: E402
 
-from bench import attack_speed, common, report, train_speed  # noqa: E402
+from bench import attack_speed, common, ensemble_speed, generation_speed, report, train_speed  # noqa: E402
 
 ARCHS = ("fast_cnn", "resnet18")
-SECTIONS = ("attacks", "training", "hardware", "profile")
+SECTIONS = ("attacks", "training", "hardware", "profile", "ensemble", "generation")
 ENV_SHOWN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BOF_DATA_DIR", "BOF_ROBUSTNESS_PATH")
 
 
@@ -61,6 +63,13 @@ class Settings:
     train_batches: int = 10
     matmul_n: int = 2048
     profile_rows: int = 10
+    stats_images: int = 512  # training images fitting the whitening stem and BatchNorm of untrained fast CNNs
+    ensemble_ks: tuple = (3, 10)
+    ensemble_batch: int = 250
+    generation_images: int = 500  # 2 x 250: one generation batch (the configs' 250) per process
+    generation_batch: int = 250
+    generation_steps: int = 10  # per image, both recipes (the mini configs: attack 10, inversion 20 / 100)
+    generation_reps: int = 3  # keeps the section under ~3 min on 2 cores
 
     @classmethod
     def full(cls) -> Settings:
@@ -73,14 +82,16 @@ class Settings:
         return cls(reps=1, attack_batch={"fast_cnn": 16, "resnet18": 4}, attack_steps=2, attack_warmup_steps=1,
                    recipes={"fast_cnn": common.TrainRecipe(steps=2, batch_size=32, lr=0.2),
                             "resnet18": common.TrainRecipe(steps=1, batch_size=8, lr=0.1)},
-                   eval_images=200, train_batch=32, train_warmup=1, train_batches=2, matmul_n=256)
+                   eval_images=200, train_batch=32, train_warmup=1, train_batches=2, matmul_n=256,
+                   stats_images=32, ensemble_batch=8, generation_images=16, generation_batch=8, generation_steps=2,
+                   generation_reps=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="report path (default: BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 repetition")
-    p.add_argument("--reps", type=int, help="repetitions per figure (default 5; 1 with --quick)")
+    p.add_argument("--reps", type=int, help="repetitions per figure (default 5, generation 3; 1 with --quick)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin/ (default $BOF_DATA_DIR, else ./data)")
     p.add_argument("--models", default=",".join(ARCHS), help=f"attacked models, comma-separated from {ARCHS}")
@@ -90,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-figure-seconds", type=float,
                    help="a figure whose repetitions would take longer gets fewer, but at least 3 (default 400)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="ARCH=PATH",
-                   help="attack these weights instead of training briefly (Lightning .ckpt or state_dict)")
+                   help="attack these weights instead of training briefly (Lightning .ckpt or state_dict); "
+                        "fast_cnn=PATH is also the generation section's source model")
     p.add_argument("--save-checkpoints", type=Path, metavar="DIR",
                    help="save the briefly trained models here (reuse them with --checkpoint)")
     p.add_argument("--robustness-path", default=os.environ.get("BOF_ROBUSTNESS_PATH"),
@@ -110,7 +122,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     batch = dict(s.attack_batch)
     batch["fast_cnn"] = args.batch or batch["fast_cnn"]
     batch["resnet18"] = args.resnet_batch or batch["resnet18"]
-    return replace(s, reps=args.reps or s.reps, attack_batch=batch,
+    return replace(s, reps=args.reps or s.reps, attack_batch=batch, generation_reps=args.reps or s.generation_reps,
                    max_figure_seconds=args.max_figure_seconds or s.max_figure_seconds)
 
 
@@ -122,9 +134,14 @@ def command_line() -> str:
 # ----------------------------------------------------------------------------------------------- sections
 
 
+def checkpoints(args: argparse.Namespace) -> dict[str, str]:
+    """``--checkpoint ARCH=PATH`` as {arch: path}."""
+    return dict(item.split("=", 1) for item in args.checkpoint)
+
+
 def prepare_models(args: argparse.Namespace, s: Settings, data: common.Cifar) -> tuple[dict, dict]:
     """The attacked models (trained briefly, or loaded) and what was done to get each."""
-    given = dict(item.split("=", 1) for item in args.checkpoint)
+    given = checkpoints(args)
     models, info = {}, {}
     eval_x, eval_y = data.test_batch(s.eval_images)
     for arch in args.models:
@@ -187,6 +204,34 @@ def run_profile(models: dict, s: Settings, data: common.Cifar) -> dict:
     return {"arch": arch, "batch": len(y), "spec": replace(spec, steps=1).describe(), "runs": profiles}
 
 
+def run_ensemble(s: Settings, data: common.Cifar) -> dict:
+    """bench/ensemble_speed.py on real images, with the mini configs' members: whitened fast CNNs, channels_last."""
+    inputs = data.test_batch(s.ensemble_batch, offset=1000)
+    stats_images = data.train_x[: s.stats_images].float().div(255)
+    runs = ensemble_speed.ensemble_speed(s.ensemble_ks, reps=s.reps, channels_last=True, inputs=inputs, whiten=True,
+                                         stats_images=stats_images)
+    return {"batch": len(inputs[1]), "threads": torch.get_num_threads(), "stats_images": len(stats_images),
+            "reps": s.reps, "runs": runs}
+
+
+def run_generation(args: argparse.Namespace, s: Settings, data: common.Cifar) -> dict:
+    """The generation section on the first training images, from ``--checkpoint fast_cnn=PATH`` or a randomly
+    initialised whitened fast CNN (the cost of generation does not depend on the weights)."""
+    path = checkpoints(args).get("fast_cnn")
+    if path:
+        model, source = common.load_weights("fast_cnn", path), f"fast CNN loaded from `{path}`"
+    else:
+        # The images used for whitening / BatchNorm come after the generated ones: no overlap.
+        stats_images = data.train_x[s.generation_images : s.generation_images + s.stats_images].float().div(255)
+        model = ensemble_speed.members_with_statistics(0, whiten=True, images=stats_images)[0]  # k=0: one model
+        source = (f"randomly initialised fast CNN with the mini configs' patch-whitening stem; whitening and "
+                  f"BatchNorm statistics from {len(stats_images)} other training images")
+    x, y = data.train_x[: s.generation_images], data.train_y[: s.generation_images]
+    runs = generation_speed.generation_section(model, x, y, s.generation_batch, s.generation_reps,
+                                               s.generation_steps)
+    return {"source": source, "batch": s.generation_batch, "reps": s.generation_reps, "runs": runs}
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -226,6 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
         results["hardware"] = timed("hardware", run_hardware, models, s, data)
     if "profile" in args.sections:
         results["profile"] = timed("profile", run_profile, models, s, data)
+    if "ensemble" in args.sections:
+        results["ensemble"] = timed("ensemble", run_ensemble, s, data)
+    if "generation" in args.sections:
+        results["generation"] = timed("generation", run_generation, args, s, data)
 
     results["targets"] = report.evaluate_targets(results)
     results["total_seconds"] = time.perf_counter() - started
