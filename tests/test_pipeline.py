@@ -303,7 +303,8 @@ def test_report_writes_markdown_json_and_figures(tmp_path):
     summary = json.loads((out / "results.json").read_text())
     assert summary["stages"]["standard"]["status"] == "done"
     assert summary["stages"]["d_robust"] == {"status": "not run", "config": "configs/mini/d_robust.yaml",
-                                             "overrides": ["--data.init_args.sources",
+                                             "overrides": ["--data.init_args.cache_dir", "{out}/constructed",
+                                                           "--data.init_args.sources",
                                                            '["{ckpt:adversarial_l2}"]'], "seed": 0}
     assert {"python", "torch", "pytorch-lightning"} <= set(summary["report_versions"])
     for name in ("figure2", "accuracy_vs_eps", "figure3", "examples_d_det"):
