@@ -32,12 +32,18 @@ class StageError(ValueError):
     """A stage or a preset is malformed (missing config, unknown dependency, ...); the message says how to fix it."""
 
 
+LAST = "last.ckpt"
+
+
 @dataclass(frozen=True)
 class Test:
-    """One ``train.py test`` run of a train stage: results under ``label``, extra arguments ``args``."""
+    """One ``train.py test`` run of a train stage: results under ``label``, extra arguments ``args``, the weights
+    ``checkpoint`` (a file in the stage's checkpoints/ folder: one fit can save several, e.g. squares' epoch 1)."""
 
+    __test__ = False  # pytest: a pipeline step, not a test class
     label: str
     args: tuple[str, ...] = ()
+    checkpoint: str = LAST
 
 
 TEST = (Test("test"),)
@@ -128,7 +134,7 @@ def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_ar
         "measure": stage.measure,
         "configs": [file_sha256(f, stage.name) for f in stage.config_files()],
         "overrides": list(stage.overrides),
-        "tests": [[t.label, list(t.args)] for t in stage.tests],
+        "tests": [[t.label, list(t.args), *([t.checkpoint] if t.checkpoint != LAST else [])] for t in stage.tests],
         "extra_args": list(extra_args) if stage.kind == "train" else [],
         "deps": {d: dep_ids[d] for d in stage.deps},
     }
@@ -142,8 +148,8 @@ def stage_dir(out: Path, name: str) -> Path:
     return out / name
 
 
-def last_checkpoint(out: Path, name: str) -> Path:
-    return out / name / "checkpoints" / "last.ckpt"
+def last_checkpoint(out: Path, name: str, file: str = LAST) -> Path:
+    return out / name / "checkpoints" / file
 
 
 def expand(arg: str, out: Path) -> str:
@@ -175,7 +181,7 @@ def test_command(stage: Stage, test: Test, out: Path, extra_args: Sequence[str] 
     return [sys.executable, str(TRAIN_PY), "test", "--config", str(resolve(stage.config)),
             *_expanded(stage.overrides, out), *extra_args, *_expanded(test.args, out),
             "--run_dir", str(stage_dir(out, stage.name) / test.label),
-            "--ckpt_path", str(last_checkpoint(out, stage.name))]
+            "--ckpt_path", str(last_checkpoint(out, stage.name, test.checkpoint))]
 
 
 def measure_command(stage: Stage, out: Path) -> list[str]:

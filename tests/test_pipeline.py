@@ -14,7 +14,18 @@ from pipeline import claims
 from pipeline.presets import preset
 from pipeline.report import write_report
 from pipeline.runner import ATTEMPT_JSON, LOG, STAGE_JSON, PipelineError, Runner, StageFailed
-from pipeline.stages import NO_SWEEP, TEST_AND_SHIFTED, ckpt_list, measure_stage, resolve, stage_key, train_stage
+from pipeline.stages import (
+    NO_SWEEP,
+    TEST_AND_SHIFTED,
+    Stage,
+    Test,
+    ckpt_list,
+    commands,
+    measure_stage,
+    resolve,
+    stage_key,
+    train_stage,
+)
 
 
 class FakeRun:
@@ -114,10 +125,25 @@ def test_every_preset_is_a_valid_graph():
 def test_mini_helpers_train_briefly_without_sweeps_and_main_stages_keep_theirs():
     mini = {s.name: s for s in preset("mini")}
     for name in ("ensemble_seed_1", "ensemble_seed_3", "fresh"):
-        assert list(mini[name].overrides[:4]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "4"], name
+        assert list(mini[name].overrides[:4]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "3"], name
     for name in ("standard", "adversarial_l2", "d_det", "nakkiran_ddet_linf"):
         assert NO_SWEEP not in mini[name].overrides, name
     assert [NO_SWEEP in t.args for t in mini["d_det"].tests] == [False, True]  # the shifted test only
+
+
+def test_squares_stage_tests_both_networks_of_one_fit(tmp_path):
+    squares = next(s for s in preset("mini") if s.name == "squares")
+    assert "squares_1epoch" not in {s.name for s in preset("mini")}  # no second fit of the same weights
+    steps = dict(commands(squares, tmp_path))
+    assert list(steps) == ["fit", "test", "test_1epoch"]
+    assert steps["test"][-1].endswith("squares/checkpoints/last.ckpt")
+    assert steps["test_1epoch"][-1] == str(tmp_path / "squares" / "checkpoints" / "after_1_epoch.ckpt")
+    # Which weights a test reads enters the key; the default keeps the keys of stages that never set it.
+    plain = Stage("squares", squares.config, squares.overrides)
+    assert stage_key(plain, preset="mini", dep_ids={}) != stage_key(squares, preset="mini", dep_ids={})
+    assert stage_key(plain, preset="mini", dep_ids={}) == stage_key(
+        Stage("squares", squares.config, squares.overrides, tests=(Test("test", checkpoint="last.ckpt"),)),
+        preset="mini", dep_ids={})
 
 
 def callbacks_of(*args: str, capsys) -> list[str]:
