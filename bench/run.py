@@ -251,6 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["section_seconds"][section] = time.perf_counter() - start
         return out
 
+    def save_so_far() -> None:  # a later section's crash must not lose the minutes already measured
+        if args.json:
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=1, default=str))
+            tmp.replace(args.json)
+
     data = timed("load data", common.Cifar.load, args.data_dir)
     needs_models = {"attacks", "hardware", "profile"} & set(args.sections)
     models, results["models"] = timed("train models", prepare_models, args, s, data) if needs_models else ({}, {})
@@ -260,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[attacks] {results['robustness_status']}", flush=True)
         results["attacks"], specs = timed("attacks", run_attacks, models, s, data, robustness)
         results["attack_specs"] = {spec.key: spec.describe() for spec in specs}
+        save_so_far()
     if "training" in args.sections:
         results["training"] = timed("training", train_speed.training_section, args.data_dir,
                                     ["standard", "adversarial_l2"], s.train_batch, s.train_warmup,
@@ -267,21 +274,26 @@ def main(argv: list[str] | None = None) -> dict:
         for name, r in results["training"].items():
             print(f"[training] {name}: Lightning {r['lightning']['images_per_s']:.1f} img/s, plain "
                   f"{r['plain']['images_per_s']:.1f} img/s, overhead {r['overhead']:+.1%}", flush=True)
+        save_so_far()
     if "hardware" in args.sections:
         results["hardware"] = timed("hardware", run_hardware, models, s, data)
+        save_so_far()
     if "profile" in args.sections:
         results["profile"] = timed("profile", run_profile, models, s, data)
+        save_so_far()
     if "ensemble" in args.sections:
         results["ensemble"] = timed("ensemble", run_ensemble, s, data)
+        save_so_far()
     if "generation" in args.sections:
         results["generation"] = timed("generation", run_generation, args, s, data)
 
     results["targets"] = report.evaluate_targets(results)
     results["total_seconds"] = time.perf_counter() - started
     results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    args.out.write_text(report.render(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(report.render(results))
+    tmp.replace(args.out)
+    save_so_far()
     print(f"[bench] wrote {args.out} in {results['total_seconds']:.0f} s", flush=True)
     return results
 

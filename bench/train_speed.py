@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from bench.common import CL, linear_schedule, median, spread
 from datamodules.augment import random_crop_flip
-from datamodules.base import TensorBatches
+from datamodules.base import TensorBatches, as_float_images
 from datamodules.real import CIFAR10DataModule
 from lightning_modules.adversarial import AdversarialModule
 from lightning_modules.classifier import ClassifierModule
@@ -113,6 +113,8 @@ def plain_run(name: str, datamodule: CIFAR10DataModule, batch_size: int, warmup:
     torch.manual_seed(0)
     start_all = time.perf_counter()
     model = build_model(hp.get("arch", "fast_cnn"), **(hp.get("arch_kwargs") or {}))
+    # As ClassifierModule.on_fit_start: data-initialised layers (the whitening stem) from 5,000 training images.
+    model.fit_whitening(as_float_images(datamodule.train[0][:5000]))
     if hp.get("channels_last"):
         model.to(memory_format=CL)
     net = ChannelsLastInput(model) if hp.get("channels_last") else model
