@@ -146,7 +146,20 @@ def one_process(gen: Generation, model: nn.Module, shards: list[range], keep: Sh
     return lambda: keep.update(run_shards(gen, model, shards, list(range(len(shards)))))
 
 
-def summary(recipe: Recipe, images: int, times: dict[str, list[float]], one: Shards, two: Shards) -> dict:
+def single_thread(gen: Generation, model: nn.Module, shards: list[range]) -> Shards:
+    """All shards in this process on one thread: the 2-process ranks' numerics (same kernels, same reduction
+    order), so their union must equal it bitwise; the 2-thread run may differ in the last bits."""
+    previous, out = torch.get_num_threads(), {}
+    torch.set_num_threads(1)
+    try:
+        one_process(gen, model, shards, out)()
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+def summary(recipe: Recipe, images: int, times: dict[str, list[float]], one: Shards, two: Shards,
+            single: Shards) -> dict:
     image_steps = images * recipe.steps  # as the engine counts them (manifest image_steps_per_second)
     runs = {name: {"seconds": t, "image_steps_per_s": image_steps / median(t), "spread": spread(t)}
             for name, t in times.items()}
@@ -155,7 +168,10 @@ def summary(recipe: Recipe, images: int, times: dict[str, list[float]], one: Sha
     return {"recipe": recipe.describe(), "images": images, "image_steps": image_steps, **runs,
             "ratio": runs[TWO]["image_steps_per_s"] / runs[ONE]["image_steps_per_s"],
             "identical": torch.equal(x1, x2), "labels_identical": torch.equal(joined(one, "y"), joined(two, "y")),
-            "max_abs_difference": float((x1 - x2).abs().max())}
+            "max_abs_difference": float((x1 - x2).abs().max()),
+            # The DDP split itself: 2 single-thread ranks against 1 single-thread process.
+            "identical_same_threads": torch.equal(joined(single, "x"), x2)
+            and torch.equal(joined(single, "y"), joined(two, "y"))}
 
 
 def generation_section(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, reps: int,
@@ -177,9 +193,11 @@ def generation_section(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, 
             warmups = {ONE: functools.partial(run_shards, gen, model, shards, [0]),
                        TWO: functools.partial(pool.run, i, "warmup")}
             times = round_robin(runs, reps, warmups)
-            results[name] = summary(recipe, len(y), times, one_out, pool.outputs(i))
+            results[name] = summary(recipe, len(y), times, one_out, pool.outputs(i),
+                                    single_thread(gen, model, shards))
             r = results[name]
             print(f"[generation] {name}: 1 process {r[ONE]['image_steps_per_s']:.1f}, 2 processes "
-                  f"{r[TWO]['image_steps_per_s']:.1f} image-steps/s ({r['ratio']:.2f}x), identical "
-                  f"{'yes' if r['identical'] else 'no'}", flush=True)
+                  f"{r[TWO]['image_steps_per_s']:.1f} image-steps/s ({r['ratio']:.2f}x), identical to 1 process "
+                  f"on 1 thread {'yes' if r['identical_same_threads'] else 'no'}, to 1 process on "
+                  f"{r[ONE]['threads']} threads {'yes' if r['identical'] else 'no'}", flush=True)
     return results

@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="report path (default: BENCHMARKS.md)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 repetition")
+    p.add_argument("--update", type=Path, metavar="JSON",
+                   help="start from the results of an earlier run (its --json) and rerun only --sections: the report "
+                        "then mixes two runs, which its header lists")
     p.add_argument("--reps", type=int, help="repetitions per figure (default 5, generation 3; 1 with --quick)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-bin/ (default $BOF_DATA_DIR, else ./data)")
@@ -243,6 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     results: dict = {"command": command_line(), "quick": args.quick, "settings": asdict(s),
                      "machine": common.machine_info(), "section_seconds": {}}
+    if args.update:
+        if not args.update.is_file():
+            raise SystemExit(f"--update {args.update}: no such file; pass the --json of an earlier full run")
+        earlier = json.loads(args.update.read_text())
+        results = {**earlier, "command": earlier["command"], "updated_by": [*earlier.get("updated_by", []),
+                   {"command": command_line(), "sections": args.sections, "machine": results["machine"]}],
+                   "section_seconds": dict(earlier.get("section_seconds", {}))}
     print(f"[bench] {results['command']}\n[bench] {torch.get_num_threads()} torch threads", flush=True)
 
     def timed(section: str, fn, *fn_args):
@@ -288,8 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["generation"] = timed("generation", run_generation, args, s, data)
 
     results["targets"] = report.evaluate_targets(results)
-    results["total_seconds"] = time.perf_counter() - started
-    results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    this_run = results["updated_by"][-1] if args.update else results  # an update keeps the full run's header
+    this_run["total_seconds"] = time.perf_counter() - started
+    this_run["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(report.render(results))
     tmp.replace(args.out)
