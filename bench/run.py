@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.update.is_file():
             raise SystemExit(f"--update {args.update}: no such file; pass the --json of an earlier full run")
         earlier = json.loads(args.update.read_text())
-        results = {**earlier, "command": earlier["command"], "updated_by": [*earlier.get("updated_by", []),
-                   {"command": command_line(), "sections": args.sections, "machine": results["machine"]}],
-                   "section_seconds": dict(earlier.get("section_seconds", {}))}
+        results = {**earlier, "updated_by": [*earlier.get("updated_by", []),
+                   {"command": command_line(), "sections": args.sections, "settings": asdict(s),
+                    "machine": results["machine"]}]}
     print(f"[bench] {results['command']}\n[bench] {torch.get_num_threads()} torch threads", flush=True)
 
     def timed(section: str, fn, *fn_args):
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(report.render(results))
     tmp.replace(args.out)
     save_so_far()
-    print(f"[bench] wrote {args.out} in {results['total_seconds']:.0f} s", flush=True)
+    print(f"[bench] wrote {args.out} in {this_run['total_seconds']:.0f} s", flush=True)
     return results
 
 
