@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.presets import PRESETS, preset
-from pipeline.runner import PipelineError, Runner
+from pipeline.runner import PipelineError, Runner, exit_on_sigterm
 from pipeline.stages import StageError, commands
 
 
@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     for label, cmd in commands(decision.stage, runner.out, extra, resume=decision.action == "resume"):
                         print(f"    {label}: {shlex.join(cmd)}")
             return {}
+        exit_on_sigterm()
         try:
             records = runner.run()
         finally:  # also after a failure: the report shows what finished, the rest as "not run"

@@ -19,7 +19,9 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,11 +58,28 @@ class StageFailed(PipelineError):
 
 
 def run_subprocess(argv: list[str], log: Path, env: dict) -> int:
-    """Run ``argv`` with stdout and stderr appended to ``log``; the exit code."""
+    """Run ``argv`` with stdout and stderr appended to ``log``; the exit code. If the pipeline stops while the
+    command runs (Ctrl-C, or SIGTERM under :func:`exit_on_sigterm`), the command is stopped too: an orphaned
+    fit would go on writing into a stage that the next run resumes."""
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(argv)}\n")
         f.flush()
-        return subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+        child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        try:
+            return child.wait()
+        finally:
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill PID``, a cluster's job stop) into SystemExit, so cleanup runs as after Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -417,3 +417,29 @@ def test_run_dir_redirects_loggers_checkpoints_and_output_dirs():
     bare = Namespace(default_root_dir=None, logger=True, callbacks=None)  # Lightning's defaults
     train.redirect_outputs(bare, "/r")
     assert bare.default_root_dir == "/r" and bare.logger is True
+
+
+def test_stopping_the_pipeline_stops_the_running_stage(tmp_path):
+    """``kill PID`` of the pipeline must not leave the stage's fit running (it would write into a stage the next
+    run resumes): the runner's command is terminated with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "stage.log"
+    stage_command = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"]
+    pipeline = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from pipeline.runner import exit_on_sigterm, run_subprocess; "
+        f"exit_on_sigterm(); run_subprocess({stage_command!r}, Path({str(log)!r}), dict(os.environ))")],
+        cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while not (lines := [x for x in (log.read_text().splitlines() if log.exists() else []) if x.isdigit()]):
+        assert time.monotonic() < deadline and pipeline.poll() is None, "the stage command never started"
+        time.sleep(0.1)
+    stage_pid = int(lines[0])
+    pipeline.send_signal(signal.SIGTERM)
+    assert pipeline.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # terminated and reaped by the pipeline, not orphaned
+        os.kill(stage_pid, 0)
