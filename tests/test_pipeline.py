@@ -125,7 +125,7 @@ def test_every_preset_is_a_valid_graph():
 def test_mini_helpers_train_briefly_without_sweeps_and_main_stages_keep_theirs():
     mini = {s.name: s for s in preset("mini")}
     for name in ("ensemble_seed_1", "ensemble_seed_3", "fresh"):
-        assert list(mini[name].overrides[:4]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "3"], name
+        assert list(mini[name].overrides[:4]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "4"], name
     for name in ("standard", "adversarial_l2", "d_det", "nakkiran_ddet_linf"):
         assert NO_SWEEP not in mini[name].overrides, name
     assert [NO_SWEEP in t.args for t in mini["d_det"].tests] == [False, True]  # the shifted test only
