@@ -53,15 +53,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     for label, cmd in commands(decision.stage, runner.out, extra, resume=decision.action == "resume"):
                         print(f"    {label}: {shlex.join(cmd)}")
             return {}
-        exit_on_sigterm()
-        try:
-            records = runner.run()
-        finally:  # also after a failure: the report shows what finished, the rest as "not run"
-            if not args.no_report:
-                from pipeline.report import write_report
+        with exit_on_sigterm():
+            try:
+                records = runner.run()
+            finally:  # also after a failure or a stop: the report shows what finished, the rest as "not run"
+                if not args.no_report:
+                    from pipeline.report import write_report
 
-                written = write_report(out, stages, args.preset)
-                print(f"report: {written['results.md']}")
+                    written = write_report(out, stages, args.preset)
+                    print(f"report: {written['results.md']}")
     except (PipelineError, StageError) as err:
         print(f"reproduce: {err}", file=sys.stderr)
         raise SystemExit(1) from err

@@ -77,9 +77,15 @@ def run_subprocess(argv: list[str], log: Path, env: dict) -> int:
                     child.wait()
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM (``kill PID``, a cluster's job stop) into SystemExit, so cleanup runs as after Ctrl-C."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Inside, SIGTERM (``kill PID``, a cluster's job stop) raises SystemExit, so cleanup runs as after Ctrl-C;
+    the previous handler comes back on the way out (``reproduce`` may run inside a test or a notebook)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -4,7 +4,12 @@ stages (``--run_dir``) through the runner on a tiny real CIFAR-10 subset."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -422,17 +427,11 @@ def test_run_dir_redirects_loggers_checkpoints_and_output_dirs():
 def test_stopping_the_pipeline_stops_the_running_stage(tmp_path):
     """``kill PID`` of the pipeline must not leave the stage's fit running (it would write into a stage the next
     run resumes): the runner's command is terminated with it."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     log = tmp_path / "stage.log"
     stage_command = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"]
     pipeline = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys; from pathlib import Path; from pipeline.runner import exit_on_sigterm, run_subprocess; "
-        f"exit_on_sigterm(); run_subprocess({stage_command!r}, Path({str(log)!r}), dict(os.environ))")],
+        "import os; from pathlib import Path; from pipeline.runner import exit_on_sigterm, run_subprocess\n"
+        f"with exit_on_sigterm(): run_subprocess({stage_command!r}, Path({str(log)!r}), dict(os.environ))")],
         cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 60
     while not (lines := [x for x in (log.read_text().splitlines() if log.exists() else []) if x.isdigit()]):
@@ -443,3 +442,19 @@ def test_stopping_the_pipeline_stops_the_running_stage(tmp_path):
     assert pipeline.wait(timeout=60) == 128 + signal.SIGTERM
     with pytest.raises(ProcessLookupError):  # terminated and reaped by the pipeline, not orphaned
         os.kill(stage_pid, 0)
+
+
+def test_reproduce_restores_the_sigterm_handler_it_installs(tmp_path, monkeypatch):
+    """The SIGTERM-to-SystemExit handler is the pipeline's own: it is in place while the stages run, and after
+    ``reproduce`` fails (or returns) the caller's handler (a test runner's, a notebook's) is back."""
+    before, during = signal.getsignal(signal.SIGTERM), []
+
+    def failing_run(self):
+        during.append(signal.getsignal(signal.SIGTERM))
+        raise PipelineError("a stage failed")
+
+    monkeypatch.setattr(Runner, "run", failing_run)
+    with pytest.raises(SystemExit):
+        train.main(["reproduce", "--preset", "tiny", "--out", str(tmp_path), "--no-report"])
+    assert during and during[0] is not before
+    assert signal.getsignal(signal.SIGTERM) is before
