@@ -145,10 +145,11 @@ class PatchWhitening(nn.Module):
 
 
 def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool: str = "max",
-                  whiten: bool = False) -> tuple[nn.Module, int]:
+                  whiten: bool = False, whiten_eps: float = 5e-4) -> tuple[nn.Module, int]:
     """A small fast CNN for CPU work, after airbench: each stage is conv, max-pool, BN, GELU, conv, BN, GELU,
     then a global ``pool`` ("max" or "avg") over the last map. ``whiten`` prepends airbench's frozen 2x2
-    patch-whitening layer (:class:`PatchWhitening`).
+    patch-whitening layer (:class:`PatchWhitening`) with regulariser ``whiten_eps``: airbench's 5e-4 amplifies the
+    low-variance directions most; larger values amplify them less (1.0 nearly flattens the layer's gains).
 
     No learned stem: normalising/activating full-resolution maps costs more than it gives on a CPU.
     """
@@ -157,7 +158,9 @@ def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool:
     layers: list[nn.Module] = []
     c_in = in_channels
     if whiten:
-        layers.append(PatchWhitening(in_channels))
+        if not whiten_eps > 0:
+            raise ValueError(f"fast_cnn whiten_eps must be > 0, got {whiten_eps!r}; airbench uses 5e-4")
+        layers.append(PatchWhitening(in_channels, eps=whiten_eps))
         c_in = 8 * in_channels
     for width in widths:
         layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width),

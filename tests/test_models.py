@@ -74,3 +74,24 @@ def test_patch_whitening_whitens_the_patches_it_was_fitted_on(cifar):
     off = cov - torch.diag(cov.diagonal())
     assert off.abs().max() < 0.05
     assert "body.0.fitted" in model.state_dict() and "body.0.conv.weight" in model.state_dict()
+
+
+def test_whiten_eps_sets_how_much_the_stem_amplifies_low_variance_directions(cifar):
+    """Each whitened direction comes out with variance eigenvalue / (eigenvalue + eps): airbench's 5e-4 lifts the
+    high-frequency directions to ~1, a large eps leaves them far below the dominant direction."""
+    from lightning_modules.models import PatchWhitening
+
+    images = cifar[0][:2000].float() / 255
+    spreads = {}
+    for eps in (5e-4, 1.0):
+        model = build_model("fast_cnn", whiten=True, whiten_eps=eps)
+        layer = next(m for m in model.modules() if isinstance(m, PatchWhitening))
+        model.fit_whitening(images)
+        with torch.no_grad():
+            out = layer.conv(model.normalize(images))[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+        variance = out.var(dim=0)
+        spreads[eps] = (variance.max() / variance.min()).item()
+        assert variance.max() < 1.0
+    assert spreads[5e-4] < 3 < 20 < spreads[1.0]
+    with pytest.raises(ValueError, match="whiten_eps must be > 0"):
+        build_model("fast_cnn", whiten=True, whiten_eps=0.0)
