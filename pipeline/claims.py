@@ -175,15 +175,16 @@ def section_42() -> list[Row]:
         stage = f"{kind}_ddet_{norm}"
         eps = "2.5" if norm == "l2" else "8/255"
         name = f"{norm.capitalize()} {'PGD' if kind == 'pgd' else 'non-transferable'} (eps {eps})"
+        # The thresholds are the floors of the Nakkiran issue (10,000 test images: 15% is far outside chance's noise).
         if kind == "pgd":
-            on_true = claim("plain-PGD D_det teaches the true task: >= 20% (2x chance)", lambda a: a >= 2 * CHANCE,
+            on_true = claim("plain-PGD D_det teaches the true task: >= 15% (1.5x chance)", lambda a: a >= 0.15,
                             clean(stage))
             on_shifted = None
         else:
             on_true = claim("non-transferable D_det near chance on true labels: <= 15%", lambda a: a <= 0.15,
                             clean(stage))
-            on_shifted = claim("learns the shifted labels instead: (X, Y+1) acc >= 3x its (X, Y) acc",
-                               lambda s, a: s >= 3 * a, clean(stage, "test_shift1"), clean(stage))
+            on_shifted = claim("learns the shifted labels instead: (X, Y+1) acc >= 35% and >= 3x its (X, Y) acc",
+                               lambda s, a: s >= 0.35 and s >= 3 * a, clean(stage, "test_shift1"), clean(stage))
         rows += [Row(S42, f"{name}: test acc (X, Y)", true_acc, clean(stage), on_true),
                  Row(S42, f"{name}: test acc (X, Y+1)", shifted_acc, clean(stage, "test_shift1"), on_shifted)]
     return rows

@@ -291,6 +291,12 @@ def test_claims_evaluate_on_fabricated_results():
     assert holds(rows, "standard: L2 eps 0.25 acc") is None
     d_r = {**records, "d_nonrobust": record({"test": scores(0.88, 0.2)})}
     assert holds(claims.evaluate(d_r), "D_R: L2 eps 0.25 acc") is False  # 48% < 3 x 20%
+    weak = claims.evaluate({**records, "nakkiran_ddet_l2": record({"test": scores(0.05), "test_shift1": scores(0.3)}),
+                            "pgd_ddet_l2": record({"test": scores(0.16)}),
+                            "pgd_ddet_linf": record({"test": scores(0.14)})})
+    assert holds(weak, "L2 non-transferable (eps 2.5): test acc (X, Y+1)") is False  # 6x its (X, Y), but < 35%
+    assert holds(weak, "L2 PGD (eps 2.5): test acc (X, Y)") is True  # the floor: >= 15%
+    assert holds(weak, "Linf PGD (eps 8/255): test acc (X, Y)") is False
 
 
 def test_rank_correlation():
