@@ -120,6 +120,8 @@ class PatchWhitening(nn.Module):
 
     def __init__(self, in_channels: int, eps: float = 5e-4) -> None:
         super().__init__()
+        if not eps > 0:  # eps 0 divides by the zero eigenvalues of flat patches
+            raise ValueError(f"PatchWhitening: whiten_eps must be > 0, got {eps!r}; airbench uses 5e-4")
         self.conv = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, padding=0, bias=False)
         self.conv.weight.requires_grad_(False)
         self.eps = eps
@@ -158,8 +160,6 @@ def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool:
     layers: list[nn.Module] = []
     c_in = in_channels
     if whiten:
-        if not whiten_eps > 0:
-            raise ValueError(f"fast_cnn whiten_eps must be > 0, got {whiten_eps!r}; airbench uses 5e-4")
         layers.append(PatchWhitening(in_channels, eps=whiten_eps))
         c_in = 8 * in_channels
     for width in widths:
