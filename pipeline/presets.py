@@ -36,7 +36,8 @@ SQUARES_TESTS = (*TEST, Test("test_1epoch", checkpoint="after_1_epoch.ckpt"))
 
 
 def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: Sequence[str],
-           nakkiran_arch: str | None = None, base: Sequence[str] = (), constructed: Sequence[str] = (),
+           nakkiran: tuple[str, Sequence[str]] | None = None, base: Sequence[str] = (),
+           constructed: Sequence[str] = (),
            helpers: Sequence[str] = ()) -> list[Stage]:
     """The whole debate over the configs in ``configs``.
 
@@ -45,9 +46,9 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
         transfer_examples: size of the seeded subset of the real test set the measure stages attack.
         ddet_attack: ``--eps/--step_size/--steps`` of the D_det attack, as in ``<configs>/d_det.yaml``, for the
             transfer measurement of Figure 3.
-        nakkiran_arch: Nakkiran's target, ensemble and fresh model use this architecture (the standard config
-            with ``--model.init_args.arch``) in stages of their own; None: they are the standard model, seeds
-            1..k and ``fresh``.
+        nakkiran: ``(name, args)``: Nakkiran's target, ensemble and fresh model are the standard config plus
+            ``args`` (e.g. another architecture), in stages of their own (``standard_<name>``, ``fresh_<name>``);
+            None: they are the standard model, seeds 1..k and ``fresh``.
         base: arguments added to every train stage (e.g. a second --config).
         constructed: arguments added to every stage that trains on a constructed dataset (e.g. its cache_dir).
         helpers: arguments added to the ensemble members and the fresh model, which only serve as attack
@@ -59,11 +60,11 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
     def on(*sources: str) -> list[str]:
         return [*constructed, "--data.init_args.sources", ckpt_list(*sources)]
 
-    arch = [] if nakkiran_arch is None else ["--model.init_args.arch", nakkiran_arch]
-    target = "standard" if nakkiran_arch is None else f"standard_{nakkiran_arch}"
-    fresh = "fresh" if nakkiran_arch is None else f"fresh_{nakkiran_arch}"  # for the transfer table
+    family, arch = nakkiran or ("", ())
+    target = f"standard_{family}" if nakkiran else "standard"
+    fresh = f"fresh_{family}" if nakkiran else "fresh"  # for the transfer table
     members = [f"ensemble_seed_{i}" for i in range(1, ensemble + 1)]
-    nakkiran_models = [] if nakkiran_arch is None else [
+    nakkiran_models = [] if nakkiran is None else [
         train_stage(target, cfg("standard"), *base, *arch),
         train_stage(fresh, cfg("standard"), *base, *arch, *helpers, "--seed_everything", "100")]
     return [
@@ -103,6 +104,7 @@ def mini() -> list[Stage]:
     transfer and Figure 3 measurements on 500 test images, constructed datasets cached under OUT/constructed.
     Target: 120 minutes on 2 cores; the measured time per stage is in the README."""
     return debate("configs/mini", ensemble=3, transfer_examples=500,
+                  nakkiran=("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
                   ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "10"],
                   constructed=["--data.init_args.cache_dir", "{out}/constructed"],
                   helpers=["--config", NO_SWEEP, "--trainer.max_epochs", "4"])
@@ -112,7 +114,8 @@ def paper() -> list[Stage]:
     """The papers' recipes: configs/cifar10 (Ilyas: ResNet-50; Nakkiran: ResNet-18 target, 10 ResNet-18 ensemble
     members, a fresh ResNet-18). Pass the hardware through, e.g. ``--trainer.accelerator gpu --trainer.devices 8
     --trainer.strategy ddp``."""
-    return debate("configs/cifar10", ensemble=10, transfer_examples=1000, nakkiran_arch="resnet18",
+    return debate("configs/cifar10", ensemble=10, transfer_examples=1000,
+                  nakkiran=("resnet18", ["--model.init_args.arch", "resnet18"]),
                   ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "100"])
 
 

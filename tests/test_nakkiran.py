@@ -375,6 +375,10 @@ def test_nakkiran_configs_parse_and_hold_the_spec_settings(config, capsys, monke
     assert data["augment"] is False and printed["trainer"]["default_root_dir"] == f"runs/{preset}/{name}"
     assert printed["model"]["init_args"]["arch"] == data["source_arch"] == {"mini": "fast_cnn",
                                                                              "cifar10": "resnet18"}[preset]
+    if preset == "mini":  # student, target and members: one family, configs/mini/nakkiran_model.yaml, seeds 0..3
+        family = yaml.safe_load((REPO / "configs/mini/nakkiran_model.yaml").read_text())["model"]["init_args"]
+        assert printed["model"]["init_args"]["arch_kwargs"] == family["arch_kwargs"] == {"whiten": False}
+        assert data["sources"][0] == "runs/mini/nakkiran/seed_0/checkpoints/last.ckpt"
     # The recipe's constructor accepts the arguments (validation included).
     cls = NonTransferableAttack if members else RelabelByAttack
     assert cls(**args).describe()["name"] == cls.name

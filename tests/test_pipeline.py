@@ -120,8 +120,13 @@ def test_every_preset_is_a_valid_graph():
         assert stages[0].name == "standard"
     members = [s.name for s in preset("paper") if s.name.startswith("ensemble_seed_")]
     assert len(members) == 10
-    nakkiran = next(s for s in preset("mini") if s.name == "nakkiran_ddet_l2")
-    assert nakkiran.deps == ("standard", "ensemble_seed_1", "ensemble_seed_2", "ensemble_seed_3")
+    mini = {s.name: s for s in preset("mini")}  # Nakkiran's models: the fast CNN without whitening, own stages
+    assert mini["nakkiran_ddet_l2"].deps == ("standard_nowhiten", "ensemble_seed_1", "ensemble_seed_2",
+                                             "ensemble_seed_3")
+    assert mini["pgd_ddet_linf"].deps == ("standard_nowhiten",) and mini["transfer"].deps[-1] == "fresh_nowhiten"
+    family = "configs/mini/nakkiran_model.yaml"
+    assert all(family in mini[m].overrides for m in ("standard_nowhiten", "ensemble_seed_2", "fresh_nowhiten"))
+    assert family not in mini["fresh"].overrides and mini["figure3"].deps[:2] == ("standard", "fresh")
     paper = {s.name: s for s in preset("paper")}  # Nakkiran's models are ResNet-18s, Ilyas's ResNet-50s
     assert paper["nakkiran_ddet_l2"].deps[0] == "standard_resnet18" and "resnet18" in paper["ensemble_seed_1"].overrides
     assert paper["transfer"].deps[-1] == "fresh_resnet18" and "resnet18" not in paper["fresh"].overrides
@@ -129,8 +134,8 @@ def test_every_preset_is_a_valid_graph():
 
 def test_mini_helpers_train_briefly_without_sweeps_and_main_stages_keep_theirs():
     mini = {s.name: s for s in preset("mini")}
-    for name in ("ensemble_seed_1", "ensemble_seed_3", "fresh"):
-        assert list(mini[name].overrides[:4]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "4"], name
+    for name in ("ensemble_seed_1", "ensemble_seed_3", "fresh", "fresh_nowhiten"):  # then --seed_everything K
+        assert list(mini[name].overrides[-6:-2]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "4"], name
     for name in ("standard", "adversarial_l2", "d_det", "nakkiran_ddet_linf"):
         assert NO_SWEEP not in mini[name].overrides, name
     assert [NO_SWEEP in t.args for t in mini["d_det"].tests] == [False, True]  # the shifted test only
