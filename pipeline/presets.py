@@ -3,14 +3,18 @@
 ``mini`` and ``paper`` are one graph over two config folders (SPEC sections in brackets):
 
     standard, adversarial_l2                          baseline models [1]
-    ensemble_seed_1..k, fresh                         the standard config with other seeds [4.1]
-    (paper: standard_resnet18, fresh_resnet18, and ResNet-18 ensemble members: Nakkiran's architecture)
+    fresh                                             the standard config, seed 100: Figure 3's transfer target
+    standard_<family>, ensemble_seed_1..k, fresh_<family>   Nakkiran's target, members and fresh model [4.1]: the
+                                                      standard config plus the family's arguments, seeds 0, 1..k,
+                                                      100 (paper: resnet18; mini: nowhiten, i.e.
+                                                      configs/mini/nakkiran_model.yaml); no family: the standard
+                                                      model is the target and ``fresh`` the fresh model
     d_rand, d_det            <- standard              Table 1 [3]
     d_robust                 <- adversarial_l2        D_R [2]
     d_nonrobust              <- standard              D_NR [2]
-    nakkiran_ddet_{l2,linf}  <- standard + ensemble   D_det of non-transferable examples [4.2]
-    pgd_ddet_{l2,linf}       <- standard              the same with plain PGD [4.2]
-    transfer                 <- standard, ensemble, fresh   (measure) the transfer table [4.1]
+    nakkiran_ddet_{l2,linf}  <- target + ensemble     D_det of non-transferable examples [4.2]
+    pgd_ddet_{l2,linf}       <- target                the same with plain PGD [4.2]
+    transfer                 <- target, ensemble, fresh_<family>   (measure) the transfer table [4.1]
     squares (tests: the 20-epoch and the 1-epoch network) adversarial squares [4.3]
     figure3                  <- the D_det-style stages, transfer, fresh   (measure) Figure 3 [3]
 """
@@ -99,9 +103,10 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
 
 
 def mini() -> list[Stage]:
-    """CPU preset: configs/mini (whitened fast CNN, real CIFAR-10), 3 ensemble members and a fresh model trained
-    for 4 epochs instead of 8 without the attack sweep (they are attack sources and transfer targets only), the
-    transfer and Figure 3 measurements on 500 test images, constructed datasets cached under OUT/constructed.
+    """CPU preset: configs/mini (whitened fast CNN, real CIFAR-10). Nakkiran's target, 3 ensemble members and
+    fresh model are the fast CNN without whitening (configs/mini/nakkiran_model.yaml); they and Figure 3's fresh
+    model train 4 epochs instead of 8 without the attack sweep (they are attack sources and transfer targets only).
+    Transfer and Figure 3 measurements on 500 test images, constructed datasets cached under OUT/constructed.
     Target: 120 minutes on 2 cores; the measured time per stage is in the README."""
     return debate("configs/mini", ensemble=3, transfer_examples=500,
                   nakkiran=("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
