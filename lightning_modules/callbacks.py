@@ -23,6 +23,7 @@ from rich.progress import track
 from attacks import eval_mode, point_key, robust_accuracy
 from datamodules.base import as_float_images, world_info
 from datamodules.files import write_bytes_atomic
+from lightning_modules.loggers import log_figure
 
 Point = tuple[str, float]
 
@@ -136,12 +137,15 @@ class RobustAccuracy(pl.Callback):
         figure = accuracy_vs_eps_figure(rows)
         figure.savefig(out / "robust_accuracy.tmp.png", dpi=100)
         os.replace(out / "robust_accuracy.tmp.png", out / "robust_accuracy.png")
+        log_figure(trainer.loggers, "test/robust_accuracy", out / "robust_accuracy.png", figure=figure,
+                   step=trainer.global_step)
+        import matplotlib.pyplot as plt  # the figure functions chose the Agg backend
+
+        plt.close(figure)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("test/robust_accuracy", figure, trainer.global_step)
                 logger.experiment.add_text("test/robust_accuracy_table", markdown_table(rows), trainer.global_step)
             elif isinstance(logger, WandbLogger):
-                logger.log_image("test/robust_accuracy", [str(out / "robust_accuracy.png")])
                 logger.log_table("test/robust_accuracy_table", columns=list(rows[0]),
                                  data=[list(r.values()) for r in rows])
 

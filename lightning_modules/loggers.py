@@ -6,8 +6,10 @@ from __future__ import annotations
 import netrc
 import os
 import socket
+from collections.abc import Sequence
+from typing import Any
 
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 
@@ -47,3 +49,20 @@ class WandbLoggerWithFallback(WandbLogger):
             os.environ["WANDB_MODE"] = "offline"  # belt and braces: wandb never prompts in offline mode
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(*args, offline=offline, **kwargs)
+
+
+def log_figure(loggers: Sequence[Logger], tag: str, png: str | os.PathLike, *, figure: Any = None,
+               step: int = 0) -> None:
+    """Send a figure to every TensorBoard and wandb logger among ``loggers`` (others have no images): TensorBoard
+    gets the matplotlib ``figure`` when given, else the pixels of ``png``, at ``step``; wandb gets the ``png``
+    file at its own current step (an explicit older step would be dropped by wandb)."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            if figure is not None:
+                logger.experiment.add_figure(tag, figure, step, close=False)  # the caller closes it
+            else:
+                import matplotlib.image
+
+                logger.experiment.add_image(tag, matplotlib.image.imread(png)[..., :3], step, dataformats="HWC")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(tag, [str(png)])

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -33,6 +32,7 @@ from attacks.evaluate import model_device
 from attacks.pgd import check_attack_args
 from datamodules.base import as_float_images, world_info
 from datamodules.files import write_bytes_atomic
+from lightning_modules.loggers import log_figure
 
 JSON_NAME, FIGURE_NAME = "squares.json", "squares.png"
 STEPS_PER_EPOCH_KEY = "squares_steps_per_epoch"  # stored in checkpoints by SquaresRobustness
@@ -344,11 +344,10 @@ class SquaresRobustness(pl.Callback):
         figure = squares_figure(load_runs([out]))
         figure.savefig(out / "squares.tmp.png", dpi=100)
         os.replace(out / "squares.tmp.png", out / FIGURE_NAME)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("test/squares", figure, trainer.global_step)
-            elif isinstance(logger, WandbLogger):
-                logger.log_image("test/squares", [str(out / FIGURE_NAME)])
+        log_figure(trainer.loggers, "test/squares", out / FIGURE_NAME, figure=figure, step=trainer.global_step)
+        import matplotlib.pyplot as plt  # the figure functions chose the Agg backend
+
+        plt.close(figure)
 
 
 def json_name(epochs: float | None) -> str:

@@ -244,9 +244,32 @@ ROWS: list[Row] = [
 ]
 
 
-def evaluate(records: Mapping[str, dict | None], rows: list[Row] = ROWS) -> list[dict]:
-    """Every row with the suite's number and whether its claim holds (None: not run / no claim)."""
+# Ilyas Figure 3's architectures, by the names of lightning_modules.models (paper: transfer %, accuracy %).
+FIGURE3_PAPER = {"resnet50": ("ResNet-50", 100, 45), "resnet18": ("ResNet-18", 92, 41), "vgg16": ("VGG-16", 66, 28)}
+
+
+def architecture_rows(results: Results) -> list[Row]:
+    """Figure 3 rows of the extra architectures' D_det points (stages ``d_det_<arch>``) the figure3 stage measured."""
+    rows = []
+    for p in results.points():
+        stage = p.get("stage", "")
+        if not stage.startswith("d_det_"):
+            continue
+        arch = stage.removeprefix("d_det_")
+        name, transfer_paper, acc_paper = FIGURE3_PAPER.get(arch, (arch, None, None))
+        rows += [Row(F3, f"D_det point, {p['label']}: test acc (true labels)",
+                     f"{name} {acc_paper}%" if acc_paper is not None else "—", point(stage, "accuracy")),
+                 Row(F3, f"D_det point, {p['label']}: targeted transfer to an independent model",
+                     f"{name} {transfer_paper}%" if transfer_paper is not None else "—", point(stage, "transfer"))]
+    return rows
+
+
+def evaluate(records: Mapping[str, dict | None], rows: list[Row] | None = None) -> list[dict]:
+    """Every row (default: ``ROWS`` plus the measured extra architectures of Figure 3) with the suite's number and
+    whether its claim holds (None: not run / no claim)."""
     results = Results(records)
+    if rows is None:
+        rows = ROWS + architecture_rows(results)
     return [{"section": row.section, "experiment": row.experiment, "paper": row.paper, "suite": row.value(results),
              "percent": row.percent, "claim": row.claim.text if row.claim else None,
              "holds": row.claim.holds(results) if row.claim else None} for row in rows]

@@ -1,10 +1,12 @@
 """Measurement stages, each a function run in its own process and rerunnable alone:
 
     python -m pipeline.measure transfer --out DIR --target T.ckpt --ensemble E1.ckpt ... --fresh F.ckpt
-    python -m pipeline.measure figure3 --out DIR --source S.ckpt --fresh F.ckpt --ddet runs/.../d_det ...
+    python -m pipeline.measure figure3 --out DIR --source S.ckpt --fresh F.ckpt [F2.ckpt ...] \
+        --ddet runs/.../d_det [runs/.../d_det_resnet18 ...] ...
 
-Each writes ``DIR/measure.json`` (atomically). Both attack a fixed, seeded subset of the real CIFAR-10 test set
-(``--examples``, ``--seed``), on CUDA when available.
+Each writes ``DIR/measure.json`` (atomically) and sends its numbers (Figure 3: also its plot) to the loggers
+(``--logger_config``; default CSV + TensorBoard under DIR). Both attack a fixed, seeded subset of the real
+CIFAR-10 test set (``--examples``, ``--seed``), on CUDA when available.
 """
 
 from __future__ import annotations
@@ -71,15 +73,24 @@ def true_label_accuracy(stage_dir: str) -> float | None:
     return record.get("results", {}).get("test", {}).get("metrics", {}).get("test/acc")
 
 
-def figure3(*, source: str, fresh: str, ddet: str, transfer: str, eps: float = 0.5, step_size: float = 0.1,
-            steps: int = 10, examples: int = 1000, seed: int = 0, batch_size: int = 250,
+def model_label(source) -> str:
+    """``fast_cnn`` / ``fast_cnn (whiten=False)`` / ``resnet18``: the architecture of a loaded checkpoint."""
+    kwargs = source.hparams.get("arch_kwargs") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+    return f"{source.hparams.get('arch', 'model')}{f' ({extra})' if extra else ''}"
+
+
+def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer: str, eps: float = 0.5,
+            step_size: float = 0.1, steps: int = 10, examples: int = 1000, seed: int = 0, batch_size: int = 250,
             nakkiran_l2: str | None = None, nakkiran_linf: str | None = None, pgd_l2: str | None = None,
             pgd_linf: str | None = None, data_dir: str | None = None) -> dict:
     """Ilyas Figure 3's points, (test accuracy on the true labels of a model trained on a D_det-style set,
     targeted transfer rate of the attack that made the set to an independently trained model):
 
-    - the D_det point: the ``ddet`` stage's accuracy; transfer measured here: targeted L2 PGD towards y + 1
-      (``eps``, ``step_size``, ``steps``: the D_det recipe) from ``source``, scored on ``fresh``;
+    - one D_det point per architecture: ``ddet[i]`` is the stage of a model of some architecture trained on the
+      D_det made from ``source``, ``fresh[i]`` a standard model of that architecture; transfer measured here:
+      targeted L2 PGD towards y + 1 (``eps``, ``step_size``, ``steps``: the D_det recipe) from ``source``, scored
+      on ``fresh[i]``;
     - Nakkiran's datasets (non-transferable attack) and their plain-PGD controls: accuracies of those stages,
       transfer rates from the ``transfer`` stage.
     """
@@ -88,19 +99,27 @@ def figure3(*, source: str, fresh: str, ddet: str, transfer: str, eps: float = 0
     from attacks import attack_success_rate, pgd, targeted_transfer_rate
     from datamodules.constructed.sources import load_source
 
+    if isinstance(ddet, str) or isinstance(fresh, str):
+        ddet, fresh = [ddet] if isinstance(ddet, str) else ddet, [fresh] if isinstance(fresh, str) else fresh
+    if len(ddet) != len(fresh) or not ddet:
+        raise ValueError(f"figure3 needs one --fresh checkpoint per --ddet stage (the same architecture, trained on "
+                         f"clean data): got {len(ddet)} --ddet and {len(fresh)} --fresh")
     x, y = cifar_test_subset(examples, seed, data_dir)
     device = _device()
-    src = load_source(source)
-    model, fresh_model = src.model.to(device), _model(fresh)
+    model = load_source(source).model.to(device)
     targets = (y + 1) % 10
     start = time.monotonic()
     x_adv = torch.cat([pgd(model, xb.to(device), tb.to(device), norm="l2", eps=eps, step_size=step_size,
                            steps=steps, targeted=True).cpu()
                        for xb, tb in zip(x.split(batch_size), targets.split(batch_size), strict=True)])
-    arch = src.hparams.get("arch", "model")
-    points = [{"label": f"D_det ({arch})", "stage": Path(ddet).name, "accuracy": true_label_accuracy(ddet),
-               "transfer": targeted_transfer_rate(x_adv, targets, fresh_model, batch_size=batch_size),
-               "source_success": attack_success_rate(model, x_adv, targets, targeted=True, batch_size=batch_size)}]
+    success = attack_success_rate(model, x_adv, targets, targeted=True, batch_size=batch_size)
+    points = []
+    for stage, fresh_path in zip(ddet, fresh, strict=True):
+        independent = load_source(fresh_path)
+        points.append({"label": f"D_det ({model_label(independent)})", "stage": Path(stage).name,
+                       "accuracy": true_label_accuracy(stage), "source_success": success,
+                       "transfer": targeted_transfer_rate(x_adv, targets, independent.model.to(device),
+                                                          batch_size=batch_size)})
     table = (read_json(Path(transfer) / STAGE_JSON) or {}).get("results", {})
     for kind, dirs in (("non_transferable", {"l2": nakkiran_l2, "linf": nakkiran_linf}),
                        ("pgd", {"l2": pgd_l2, "linf": pgd_linf})):
@@ -113,6 +132,12 @@ def figure3(*, source: str, fresh: str, ddet: str, transfer: str, eps: float = 0
     return {"examples": examples, "seed": seed, "attack": {"norm": "l2", "eps": eps, "step_size": step_size,
             "steps": steps, "targets": "(y + 1) mod 10"}, "points": points,
             "seconds": round(time.monotonic() - start, 1)}
+
+
+def figure3_scalars(results: dict) -> dict[str, float]:
+    """``figure3/<stage>/{accuracy,transfer}`` for every point that has both."""
+    return {f"figure3/{p['stage']}/{k}": float(p[k]) for p in results["points"] for k in ("accuracy", "transfer")
+            if p.get(k) is not None}
 
 
 MEASURES = {"transfer": transfer, "figure3": figure3}
@@ -129,14 +154,18 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--steps", type=int, default=10, help="attack steps")
     common.add_argument("--batch_size", type=int, default=250)
     common.add_argument("--data_dir", default=None, help="CIFAR-10 folder (default: $BOF_DATA_DIR, else ./data)")
+    common.add_argument("--logger_config", nargs="+", default=[], action="extend", metavar="YAML",
+                        help="configs whose trainer.logger list the results go to (default: CSV + TensorBoard)")
     t = sub.add_parser("transfer", parents=[common], help=transfer.__doc__.splitlines()[0])
     t.add_argument("--target", required=True, help="checkpoint of the attacked model f")
     t.add_argument("--ensemble", nargs="+", required=True, help="checkpoints of the ensemble kept on the true label")
     t.add_argument("--fresh", required=True, help="checkpoint of an independently trained model")
     f = sub.add_parser("figure3", parents=[common], help=figure3.__doc__.splitlines()[0])
     f.add_argument("--source", required=True, help="checkpoint of the model D_det was made from")
-    f.add_argument("--fresh", required=True, help="checkpoint of an independently trained model of its arch")
-    f.add_argument("--ddet", required=True, help="stage folder of the model trained on D_det")
+    f.add_argument("--fresh", required=True, nargs="+",
+                   help="per --ddet stage, a checkpoint of an independent standard model of that stage's architecture")
+    f.add_argument("--ddet", required=True, nargs="+",
+                   help="stage folders of models (one per architecture) trained on the D_det made from --source")
     f.add_argument("--transfer", required=True, help="stage folder of the transfer measurement")
     for name in ("nakkiran_l2", "nakkiran_linf", "pgd_l2", "pgd_linf"):
         f.add_argument(f"--{name}", default=None, help="stage folder of that D_det-style dataset's model")
@@ -147,12 +176,30 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = vars(parser().parse_args(argv))
-    name, out = args.pop("measure"), Path(args.pop("out"))
+    name, out, logger_configs = args.pop("measure"), Path(args.pop("out")), args.pop("logger_config")
     results = MEASURES[name](**args)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "measure.json", results)
     print(json.dumps(results, indent=1, default=float))
+    log(name, out, args, results, logger_configs)
     return results
+
+
+def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequence[str]) -> None:
+    """The measurement to the loggers: its numbers, its arguments and (Figure 3) the scatter plot."""
+    from pipeline.claims import Results
+    from pipeline.figures import figure3 as figure3_plot
+    from pipeline.measure_loggers import log_measurement, scalars
+
+    figures = {}
+    if name == "figure3":
+        metrics = figure3_scalars(results)
+        png = figure3_plot(Results({"figure3": {"results": results}}), out / "figure3_transfer.png")
+        figures = {"figure3/transfer_vs_accuracy": png} if png else {}
+    else:
+        metrics = scalars({k: v for k, v in results.items() if k in NAKKIRAN_ATTACKS}, name)
+    params = {k: " ".join(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}
+    log_measurement(out, name, metrics, params, figures, logger_configs)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
     pgd_ddet_{l2,linf}       <- target                the same with plain PGD [4.2]
     transfer                 <- target, ensemble, fresh_<family>   (measure) the transfer table [4.1]
     squares (tests: the 20-epoch and the 1-epoch network) adversarial squares [4.3]
-    figure3                  <- the D_det-style stages, transfer, fresh   (measure) Figure 3 [3]
+    fresh_<arch>, d_det_<arch>  <- standard           Figure 3's other architectures (paper: ResNet-18, VGG-16)
+    figure3                  <- the D_det-style stages, transfer, fresh(_<arch>)   (measure) Figure 3 [3]
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ SQUARES_TESTS = (*TEST, Test("test_1epoch", checkpoint="after_1_epoch.ckpt"))
 
 def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: Sequence[str],
            nakkiran: tuple[str, Sequence[str]] | None = None, base: Sequence[str] = (),
-           constructed: Sequence[str] = (),
-           helpers: Sequence[str] = ()) -> list[Stage]:
+           constructed: Sequence[str] = (), helpers: Sequence[str] = (),
+           figure3_archs: Sequence[tuple[str, Sequence[str]]] = ()) -> list[Stage]:
     """The whole debate over the configs in ``configs``.
 
     Args:
@@ -57,6 +58,9 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
         constructed: arguments added to every stage that trains on a constructed dataset (e.g. its cache_dir).
         helpers: arguments added to the ensemble members and the fresh model, which only serve as attack
             sources and transfer targets (e.g. fewer epochs, no attack sweep).
+        figure3_archs: ``(name, args)`` per extra architecture of Figure 3: ``d_det_<name>`` trains the standard
+            config's model plus ``args`` on the same (cached) D_det, ``fresh_<name>`` is that architecture
+            trained on clean data (seed 100; shared with Nakkiran's fresh model when ``name`` is its family).
     """
     def cfg(name: str) -> str:
         return f"{configs}/{name}.yaml"
@@ -71,6 +75,12 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
     nakkiran_models = [] if nakkiran is None else [
         train_stage(target, cfg("standard"), *base, *arch),
         train_stage(fresh, cfg("standard"), *base, *arch, *helpers, "--seed_everything", "100")]
+    # Figure 3's architectures: a model of each trained on D_det, and one trained on clean data (transfer target).
+    arch_points = [("d_det", "fresh"), *((f"d_det_{name}", f"fresh_{name}") for name, _ in figure3_archs)]
+    figure3_models = [stage for name, args in figure3_archs for stage in (
+        *([] if name == family else [train_stage(f"fresh_{name}", cfg("standard"), *base, *args, *helpers,
+                                                 "--seed_everything", "100")]),
+        train_stage(f"d_det_{name}", cfg("d_det"), *base, *on("standard"), *args, deps=["standard"]))]
     return [
         train_stage("standard", cfg("standard"), *base),
         train_stage("adversarial_l2", cfg("adversarial_l2"), *base),
@@ -91,14 +101,16 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
                       "--examples", str(transfer_examples), deps=[target, *members, fresh]),
         # One fit gives both of Nakkiran's networks: the config also saves the weights after epoch 1.
         train_stage("squares", cfg("squares"), *base, tests=SQUARES_TESTS),
-        # Figure 3: the D_det point pairs the standard model with an independent one of its own architecture.
-        measure_stage("figure3", "figure3", "--source", "{ckpt:standard}", "--fresh", "{ckpt:fresh}",
-                      "--ddet", "{dir:d_det}", "--transfer", "{dir:transfer}",
+        *figure3_models,
+        # Figure 3: each D_det point pairs a model trained on D_det with an independent one of its architecture.
+        measure_stage("figure3", "figure3", "--source", "{ckpt:standard}",
+                      "--fresh", *(f"{{ckpt:{f}}}" for _, f in arch_points),
+                      "--ddet", *(f"{{dir:{d}}}" for d, _ in arch_points), "--transfer", "{dir:transfer}",
                       *(a for n in NORMS for a in (f"--nakkiran_{n}", f"{{dir:nakkiran_ddet_{n}}}",
                                                    f"--pgd_{n}", f"{{dir:pgd_ddet_{n}}}")),
                       "--examples", str(transfer_examples), *ddet_attack,
-                      deps=["standard", "fresh", "d_det", "transfer", *(f"{k}_ddet_{n}" for k in ("nakkiran", "pgd")
-                                                                           for n in NORMS)]),
+                      deps=["standard", *(s for pair in arch_points for s in pair), "transfer",
+                            *(f"{k}_ddet_{n}" for k in ("nakkiran", "pgd") for n in NORMS)]),
     ]
 
 
@@ -106,10 +118,13 @@ def mini() -> list[Stage]:
     """CPU preset: configs/mini (whitened fast CNN, real CIFAR-10). Nakkiran's target, 3 ensemble members and
     fresh model are the fast CNN without whitening (configs/mini/nakkiran_model.yaml); they and Figure 3's fresh
     model train 4 epochs instead of 8 without the attack sweep (they are attack sources and transfer targets only).
+    Figure 3's second architecture is that unwhitened fast CNN (``d_det_nowhiten``, transfer target
+    ``fresh_nowhiten``).
     Transfer and Figure 3 measurements on 500 test images, constructed datasets cached under OUT/constructed.
     Target: 120 minutes on 2 cores; the measured time per stage is in the README."""
     return debate("configs/mini", ensemble=3, transfer_examples=500,
                   nakkiran=("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
+                  figure3_archs=[("nowhiten", ["--model.init_args.arch_kwargs", "{whiten: false}"])],
                   ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "10"],
                   constructed=["--data.init_args.cache_dir", "{out}/constructed"],
                   helpers=["--config", NO_SWEEP, "--trainer.max_epochs", "4"])
@@ -121,6 +136,7 @@ def paper() -> list[Stage]:
     --trainer.strategy ddp``."""
     return debate("configs/cifar10", ensemble=10, transfer_examples=1000,
                   nakkiran=("resnet18", ["--model.init_args.arch", "resnet18"]),
+                  figure3_archs=[(a, ["--model.init_args.arch", a]) for a in ("resnet18", "vgg16")],
                   ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "100"])
 
 

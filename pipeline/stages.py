@@ -184,16 +184,19 @@ def test_command(stage: Stage, test: Test, out: Path, extra_args: Sequence[str] 
             "--ckpt_path", str(last_checkpoint(out, stage.name, test.checkpoint))]
 
 
-def measure_command(stage: Stage, out: Path) -> list[str]:
+def measure_command(stage: Stage, out: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    """The measure's own arguments; the ``--config`` files among the pass-through arguments (e.g. a wandb logger
+    config) give it the loggers the train stages use."""
+    configs = [str(resolve(b)) for a, b in zip(extra_args, extra_args[1:], strict=False) if a == "--config"]
     return [sys.executable, "-m", "pipeline.measure", stage.measure, "--out", str(stage_dir(out, stage.name)),
-            *_expanded(stage.overrides, out)]
+            *_expanded(stage.overrides, out), *(["--logger_config", *configs] if configs else [])]
 
 
 def commands(stage: Stage, out: Path, extra_args: Sequence[str] = (), *, resume: bool = False
              ) -> list[tuple[str, list[str]]]:
     """The (step label, argv) pairs a stage runs, in order: ``fit`` then its tests, or ``measure``."""
     if stage.kind == "measure":
-        return [("measure", measure_command(stage, out))]
+        return [("measure", measure_command(stage, out, extra_args))]
     return [("fit", fit_command(stage, out, extra_args, resume=resume)),
             *((t.label, test_command(stage, t, out, extra_args)) for t in stage.tests)]
 

@@ -126,10 +126,42 @@ def test_every_preset_is_a_valid_graph():
     assert mini["pgd_ddet_linf"].deps == ("standard_nowhiten",) and mini["transfer"].deps[-1] == "fresh_nowhiten"
     family = "configs/mini/nakkiran_model.yaml"
     assert all(family in mini[m].overrides for m in ("standard_nowhiten", "ensemble_seed_2", "fresh_nowhiten"))
-    assert family not in mini["fresh"].overrides and mini["figure3"].deps[:2] == ("standard", "fresh")
+    assert family not in mini["fresh"].overrides and mini["figure3"].deps[:3] == ("standard", "d_det", "fresh")
     paper = {s.name: s for s in preset("paper")}  # Nakkiran's models are ResNet-18s, Ilyas's ResNet-50s
     assert paper["nakkiran_ddet_l2"].deps[0] == "standard_resnet18" and "resnet18" in paper["ensemble_seed_1"].overrides
     assert paper["transfer"].deps[-1] == "fresh_resnet18" and "resnet18" not in paper["fresh"].overrides
+
+
+def test_paper_figure3_pairs_each_architecture_trained_on_the_one_d_det_with_a_fresh_model_of_it():
+    paper = {s.name: s for s in preset("paper")}
+    figure3 = paper["figure3"].overrides
+    ddet = figure3[figure3.index("--ddet") + 1:figure3.index("--transfer")]
+    fresh = figure3[figure3.index("--fresh") + 1:figure3.index("--ddet")]
+    assert ddet == ("{dir:d_det}", "{dir:d_det_resnet18}", "{dir:d_det_vgg16}")
+    assert fresh == ("{ckpt:fresh}", "{ckpt:fresh_resnet18}", "{ckpt:fresh_vgg16}")
+    d_det = paper["d_det"]
+    for arch in ("resnet18", "vgg16"):
+        student = paper[f"d_det_{arch}"]
+        # Same config and source as d_det, so the same cached dataset; only the student's architecture differs.
+        assert student.config == d_det.config and student.deps == ("standard",)
+        assert student.overrides == (*d_det.overrides, "--model.init_args.arch", arch)
+        assert paper[f"fresh_{arch}"].overrides[:2] == ("--model.init_args.arch", arch)
+    # Nakkiran's fresh ResNet-18 is Figure 3's ResNet-18 transfer target too: one stage, not two.
+    assert sum(s.name == "fresh_resnet18" for s in preset("paper")) == 1
+    mini = {s.name: s for s in preset("mini")}  # mini: the unwhitened fast CNN, Nakkiran's family
+    assert mini["d_det_nowhiten"].overrides == (*mini["d_det"].overrides, "--model.init_args.arch_kwargs",
+                                                "{whiten: false}")
+    assert "{ckpt:fresh_nowhiten}" in mini["figure3"].overrides and "fresh_nowhiten" in mini["figure3"].deps
+
+
+def test_measure_stages_get_the_logger_configs_of_the_stage_arguments(tmp_path):
+    stage = measure_stage("transfer", "transfer", "--examples", "5")
+    extra = ["--config", "configs/loggers/wandb.yaml", "--trainer.devices", "2"]
+    (label, argv), = commands(stage, tmp_path, extra)
+    assert label == "measure" and argv[argv.index("--logger_config") + 1] == str(resolve("configs/loggers/wandb.yaml"))
+    assert "--trainer.devices" not in argv  # trainer arguments are for train.py only
+    (_, plain), = commands(stage, tmp_path)
+    assert "--logger_config" not in plain
 
 
 def test_mini_helpers_train_briefly_without_sweeps_and_main_stages_keep_theirs():
@@ -302,6 +334,15 @@ def test_claims_evaluate_on_fabricated_results():
     assert holds(weak, "L2 non-transferable (eps 2.5): test acc (X, Y+1)") is False  # 6x its (X, Y), but < 35%
     assert holds(weak, "L2 PGD (eps 2.5): test acc (X, Y)") is True  # the floor: >= 15%
     assert holds(weak, "Linf PGD (eps 8/255): test acc (X, Y)") is False
+
+
+def test_figure3_rows_cover_every_measured_architecture_with_its_paper_point():
+    points = [{"label": "D_det (fast_cnn)", "stage": "d_det", "accuracy": 0.3, "transfer": 0.6},
+              {"label": "D_det (vgg16)", "stage": "d_det_vgg16", "accuracy": 0.21, "transfer": 0.45}]
+    rows = claims.evaluate({"figure3": record({"points": points}, kind="measure")})
+    vgg = [r for r in rows if r["experiment"].startswith("D_det point, D_det (vgg16)")]
+    assert [(r["paper"], r["suite"]) for r in vgg] == [("VGG-16 28%", 0.21), ("VGG-16 66%", 0.45)]
+    assert not [r for r in claims.evaluate({}) if "D_det point, " in r["experiment"]]  # none measured: no rows
 
 
 def test_rank_correlation():

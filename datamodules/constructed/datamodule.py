@@ -7,7 +7,6 @@ import io
 from pathlib import Path
 
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from datamodules.base import as_float_images, world_info
@@ -123,6 +122,8 @@ class ConstructedDataModule(CIFAR10DataModule):
             return
         import matplotlib.pyplot as plt
 
+        from lightning_modules.loggers import log_figure  # lightning_modules imports datamodules: import late
+
         grid = self.constructed.directory / GRID
         figure = example_grid(*self.clean_train, self.constructed.x, self.constructed.y, self.grid_examples,
                               title=f"{self.recipe.name} {self.recipe.config()}")
@@ -130,12 +131,10 @@ class ConstructedDataModule(CIFAR10DataModule):
             png = io.BytesIO()
             figure.savefig(png, dpi=100, format="png")
             write_bytes_atomic(grid, png.getvalue())
-        for logger in self.trainer.loggers if self.trainer is not None else []:
+        loggers = self.trainer.loggers if self.trainer is not None else []
+        for logger in loggers:
             logger.log_metrics(metrics, step=0)
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("data/examples", figure, 0)
-            elif isinstance(logger, WandbLogger):
-                logger.log_image("data/examples", [str(grid)])
+        log_figure(loggers, "data/examples", grid, figure=figure)
         plt.close(figure)
 
 
