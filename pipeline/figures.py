@@ -92,10 +92,9 @@ def figure3(results: Results, path: Path) -> Path | None:
     for label, (x, y) in PAPER_FIGURE3.items():
         ax.scatter(x, y, color="lightgrey", edgecolor="grey", zorder=2)
         ax.annotate(label, (x, y), fontsize=7, color="grey", xytext=(3, 3), textcoords="offset points")
-    for p in points:
-        ax.scatter(100 * p["transfer"], 100 * p["accuracy"], zorder=3)
-        ax.annotate(p["label"], (100 * p["transfer"], 100 * p["accuracy"]), fontsize=7, xytext=(3, -9),
-                    textcoords="offset points")
+    for p in points:  # a legend, not annotations: Nakkiran's points crowd near (0, 0)
+        ax.scatter(100 * p["transfer"], 100 * p["accuracy"], zorder=3, label=p["label"])
+    ax.legend(fontsize=7, loc="upper left")
     ax.axhline(10, color="grey", ls=":", lw=1)
     ax.set(xlabel="targeted transfer to an independent model (%)", ylabel="test accuracy, true labels (%)",
            xlim=(-5, 105), ylim=(-5, 100), title="Ilyas et al. Figure 3 (grey: paper; colour: this suite)")

@@ -99,9 +99,11 @@ def test_a_measure_stage_logs_to_an_offline_wandb_run_with_the_wandb_config(ckpt
 
 
 def test_a_missing_logger_config_is_named(tmp_path):
-    from pipeline.measure_loggers import logger_specs
+    from pipeline.measure_loggers import build_loggers, logger_specs
 
     with pytest.raises(FileNotFoundError, match="--logger_config .*nope.yaml: cannot read it"):
         logger_specs([tmp_path / "nope.yaml"])
     (tmp_path / "off.yaml").write_text("trainer:\n  logger: false\n")
     assert logger_specs([tmp_path / "off.yaml"]) == []
+    with pytest.raises(ValueError, match="has no class_path; write it as in configs/loggers/wandb.yaml"):
+        build_loggers([{"init_args": {"name": "csv"}}], tmp_path, "transfer")
