@@ -89,6 +89,7 @@ def test_a_measure_stage_logs_to_an_offline_wandb_run_with_the_wandb_config(ckpt
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_RUN_GROUP", "mini-test")
+    wandb.finish()  # a run left open by an earlier test would be reused (a measure stage is a process of its own)
     out = tmp_path / "transfer"
     measure.main(["transfer", "--out", str(out), "--target", ckpts["target"], "--ensemble", ckpts["member"],
                   "--fresh", ckpts["fresh"], "--examples", "20", "--steps", "1", "--data_dir", str(data_dir),
