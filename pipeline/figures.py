@@ -69,12 +69,13 @@ def accuracy_vs_eps(records: Mapping[str, dict | None], path: Path) -> Path | No
     plt = _pyplot()
     norms = sorted({row["norm"] for rows in sweeps.values() for row in rows})
     fig, axes = plt.subplots(1, len(norms), figsize=(5.5 * len(norms), 4), squeeze=False)
+    colours = plt.get_cmap("tab20").colors  # more models than the default cycle's 10 colours
     for ax, norm in zip(axes[0], norms, strict=True):
-        for name, rows in sweeps.items():
+        for i, (name, rows) in enumerate(sweeps.items()):
             pts = sorted((r["eps"] * (255 if norm == "linf" else 1), 100 * r["robust_acc"]) for r in rows
                          if r["norm"] == norm)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name)
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name, color=colours[i % len(colours)])
         ax.set(xlabel=f"{norm} eps" + (" (x 1/255)" if norm == "linf" else ""), ylabel="accuracy (%)",
                ylim=(0, 100), title=f"accuracy under {norm} PGD")
         ax.grid(alpha=0.3)
