@@ -139,9 +139,6 @@ class RobustAccuracy(pl.Callback):
         os.replace(out / "robust_accuracy.tmp.png", out / "robust_accuracy.png")
         log_figure(trainer.loggers, "test/robust_accuracy", out / "robust_accuracy.png", figure=figure,
                    step=trainer.global_step)
-        import matplotlib.pyplot as plt  # the figure functions chose the Agg backend
-
-        plt.close(figure)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("test/robust_accuracy_table", markdown_table(rows), trainer.global_step)

@@ -55,14 +55,19 @@ def log_figure(loggers: Sequence[Logger], tag: str, png: str | os.PathLike, *, f
                step: int = 0) -> None:
     """Send a figure to every TensorBoard and wandb logger among ``loggers`` (others have no images): TensorBoard
     gets the matplotlib ``figure`` when given, else the pixels of ``png``, at ``step``; wandb gets the ``png``
-    file at its own current step (an explicit older step would be dropped by wandb)."""
+    file at its own current step (an explicit older step would be dropped by wandb). A given ``figure`` is closed
+    afterwards, whatever the loggers (pyplot keeps every open figure alive)."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             if figure is not None:
-                logger.experiment.add_figure(tag, figure, step, close=False)  # the caller closes it
+                logger.experiment.add_figure(tag, figure, step, close=False)  # closed below, once
             else:
                 import matplotlib.image
 
                 logger.experiment.add_image(tag, matplotlib.image.imread(png)[..., :3], step, dataformats="HWC")
         elif isinstance(logger, WandbLogger):
             logger.log_image(tag, [str(png)])
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)

@@ -345,9 +345,6 @@ class SquaresRobustness(pl.Callback):
         figure.savefig(out / "squares.tmp.png", dpi=100)
         os.replace(out / "squares.tmp.png", out / FIGURE_NAME)
         log_figure(trainer.loggers, "test/squares", out / FIGURE_NAME, figure=figure, step=trainer.global_step)
-        import matplotlib.pyplot as plt  # the figure functions chose the Agg backend
-
-        plt.close(figure)
 
 
 def json_name(epochs: float | None) -> str:

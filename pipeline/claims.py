@@ -244,8 +244,11 @@ ROWS: list[Row] = [
 ]
 
 
-# Ilyas Figure 3's architectures, by the names of lightning_modules.models (paper: transfer %, accuracy %).
-FIGURE3_PAPER = {"resnet50": ("ResNet-50", 100, 45), "resnet18": ("ResNet-18", 92, 41), "vgg16": ("VGG-16", 66, 28)}
+# Ilyas Figure 3 (transfer %, accuracy %), architectures trained on D_det made from a ResNet-50; Nakkiran's
+# non-transferable dataset as the authors placed it. FIGURE3_ARCHS: the names of lightning_modules.models.
+PAPER_FIGURE3 = {"ResNet-50": (100, 45), "DenseNet": (93, 42), "ResNet-18": (92, 41), "Inception-v3": (83, 39),
+                 "VGG-16": (66, 28), "Nakkiran (placed by Ilyas et al.)": (0, 0)}
+FIGURE3_ARCHS = {"resnet50": "ResNet-50", "resnet18": "ResNet-18", "vgg16": "VGG-16"}
 
 
 def architecture_rows(results: Results) -> list[Row]:
@@ -256,7 +259,8 @@ def architecture_rows(results: Results) -> list[Row]:
         if not stage.startswith("d_det_"):
             continue
         arch = stage.removeprefix("d_det_")
-        name, transfer_paper, acc_paper = FIGURE3_PAPER.get(arch, (arch, None, None))
+        name = FIGURE3_ARCHS.get(arch, arch)
+        transfer_paper, acc_paper = PAPER_FIGURE3.get(name, (None, None))
         rows += [Row(F3, f"D_det point, {p['label']}: test acc (true labels)",
                      f"{name} {acc_paper}%" if acc_paper is not None else "—", point(stage, "accuracy")),
                  Row(F3, f"D_det point, {p['label']}: targeted transfer to an independent model",

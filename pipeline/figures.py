@@ -8,16 +8,12 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.claims import Results
+from pipeline.claims import PAPER_FIGURE3, Results
 
 # Ilyas Figure 2's training sets, and the paper's (clean, L2 0.25) accuracies in %.
 FIGURE2 = {"standard": ("D", (95.3, 4.5)), "adversarial_l2": ("D adv.", (90.8, 82.3)),
            "d_robust": ("D_R", (84.0, 48.0)), "d_nonrobust": ("D_NR", (88.0, 0.0)),
            "d_rand": ("D_rand", (63.3, None)), "d_det": ("D_det", (43.7, None))}
-# Ilyas Figure 3 (transfer %, accuracy %), architectures trained on D_det made from a ResNet-50; Nakkiran's
-# non-transferable dataset as the authors placed it.
-PAPER_FIGURE3 = {"ResNet-50": (100, 45), "DenseNet": (93, 42), "ResNet-18": (92, 41), "Inception-v3": (83, 39),
-                 "VGG-16": (66, 28), "Nakkiran (placed by Ilyas et al.)": (0, 0)}
 
 
 def _pyplot():

@@ -71,8 +71,7 @@ class Stage:
 
     def config_files(self) -> list[Path]:
         """The config plus every ``--config FILE`` among the overrides, resolved against the repository."""
-        files = [self.config] + [b for a, b in zip(self.overrides, self.overrides[1:], strict=False) if a == "--config"]
-        return [resolve(f) for f in files]
+        return [resolve(self.config), *config_args(self.overrides)]
 
     def referenced(self) -> set[str]:
         """Names of the stages the arguments refer to through placeholders."""
@@ -92,6 +91,11 @@ def measure_stage(name: str, function: str, *args: str, deps: Sequence[str] = ()
 def ckpt_list(*names: str) -> str:
     """A YAML list of the named stages' last checkpoints, for ``--data.init_args.sources``."""
     return "[" + ", ".join(f'"{{ckpt:{n}}}"' for n in names) + "]"
+
+
+def config_args(args: Sequence[str]) -> list[Path]:
+    """Every ``--config FILE`` among ``args``, resolved against the repository."""
+    return [resolve(b) for a, b in zip(args, args[1:], strict=False) if a == "--config"]
 
 
 def resolve(path: str | Path) -> Path:
@@ -187,7 +191,7 @@ def test_command(stage: Stage, test: Test, out: Path, extra_args: Sequence[str] 
 def measure_command(stage: Stage, out: Path, extra_args: Sequence[str] = ()) -> list[str]:
     """The measure's own arguments; the ``--config`` files among the pass-through arguments (e.g. a wandb logger
     config) give it the loggers the train stages use."""
-    configs = [str(resolve(b)) for a, b in zip(extra_args, extra_args[1:], strict=False) if a == "--config"]
+    configs = [str(c) for c in config_args(extra_args)]
     return [sys.executable, "-m", "pipeline.measure", stage.measure, "--out", str(stage_dir(out, stage.name)),
             *_expanded(stage.overrides, out), *(["--logger_config", *configs] if configs else [])]
 

@@ -120,8 +120,6 @@ class ConstructedDataModule(CIFAR10DataModule):
         )
         if world_info()[0] != 0:
             return
-        import matplotlib.pyplot as plt
-
         from lightning_modules.loggers import log_figure  # lightning_modules imports datamodules: import late
 
         grid = self.constructed.directory / GRID
@@ -134,8 +132,7 @@ class ConstructedDataModule(CIFAR10DataModule):
         loggers = self.trainer.loggers if self.trainer is not None else []
         for logger in loggers:
             logger.log_metrics(metrics, step=0)
-        log_figure(loggers, "data/examples", grid, figure=figure)
-        plt.close(figure)
+        log_figure(loggers, "data/examples", grid, figure=figure)  # and closes it
 
 
 def example_grid(clean_x: torch.Tensor, clean_y: torch.Tensor, new_x: torch.Tensor, new_y: torch.Tensor,
