@@ -27,6 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from attacks.evaluate import _batches, model_device, predict
 from attacks.pgd import LossFn, eval_mode, pgd
+from common.errors import ConfigError
 
 __all__ = [
     "BatchedEnsemble",
@@ -99,7 +100,7 @@ class BatchedEnsemble(Ensemble):
         models = _check_members(models)
         problem = architecture_mismatch(models)
         if problem is not None:
-            raise ValueError(f"BatchedEnsemble needs members of identical architecture: {problem}. Use "
+            raise ConfigError(f"BatchedEnsemble needs members of identical architecture: {problem}. Use "
                              "LoopEnsemble (or make_ensemble, which falls back to it) for mixed architectures")
         params, buffers = stack_module_state(models)
         self._keys: dict[str, list[tuple[str, str]]] = {"params": [], "buffers": []}

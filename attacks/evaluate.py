@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.pgd import NORMS, check_attack_args, eval_mode, pgd
+from common.errors import ConfigError
 
 
 def point_key(norm: str, eps: float) -> str:
@@ -30,7 +31,7 @@ def model_device(model: nn.Module, default: torch.device) -> torch.device:
 
 def _batches(*tensors: Tensor, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, ...]]:
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, len(tensors[0]), batch_size):
         yield tuple(t[start : start + batch_size].to(device, non_blocking=True) for t in tensors)
 
@@ -87,9 +88,9 @@ def robust_accuracy(
     a random start is drawn from a generator seeded with ``seed``, so results are reproducible.
     """
     if "targeted" in pgd_kwargs:
-        raise ValueError("robust_accuracy measures untargeted robustness; do not pass targeted=")
+        raise ConfigError("robust_accuracy measures untargeted robustness; do not pass targeted=")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+        raise ConfigError(f"steps must be a positive int, got {steps!r}")
 
     def size(eps: float) -> float:
         return step_size if step_size is not None else 2.5 * eps / steps
@@ -97,14 +98,14 @@ def robust_accuracy(
     keyed: dict[str, tuple[str, float]] = {}  # repeated points are measured once
     for norm, eps in points:
         if keyed.setdefault(point_key(norm, eps), (norm, eps)) != (norm, eps):
-            raise ValueError(f"points {keyed[point_key(norm, eps)]} and {(norm, eps)} share the key "
+            raise ConfigError(f"points {keyed[point_key(norm, eps)]} and {(norm, eps)} share the key "
                              f"{point_key(norm, eps)!r}; give epsilons that differ in the first 4 decimals")
         if math.isinf(eps):
-            raise ValueError("robust accuracy at an infinite eps is meaningless; use a finite eps")
+            raise ConfigError("robust accuracy at an infinite eps is meaningless; use a finite eps")
         if eps != 0:
             check_attack_args(norm, eps, size(eps), steps)
         elif norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
+            raise ConfigError(f"unknown norm {norm!r}; use one of {NORMS}")
     if pgd_kwargs.get("random_start") and pgd_kwargs.get("generator") is None:
         pgd_kwargs["generator"] = torch.Generator().manual_seed(seed)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import ConfigError
 from datamodules.files import check_files, missing_dataset_error
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -50,7 +51,7 @@ def read_bin_batch(path: Path) -> Arrays:
     """One file of the binary version."""
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size % 3073:
-        raise ValueError(f"{path}: size {raw.size} is not a multiple of 3073-byte CIFAR-10 records")
+        raise ConfigError(f"{path}: size {raw.size} is not a multiple of 3073-byte CIFAR-10 records")
     records = raw.reshape(-1, 3073)
     images = torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(records[:, 0].astype(np.int64))

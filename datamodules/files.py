@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from types import TracebackType
 
+from common.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; locking is skipped (see FileLock)
@@ -23,11 +25,11 @@ TEMP_SUFFIX = ".tmp"
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
 
 
-class DatasetFilesError(FileNotFoundError):
+class DatasetFilesError(UserError, FileNotFoundError):
     """A dataset is missing, incomplete or corrupt; the message says which files and how to fix it."""
 
 
-class OutputDirError(OSError):
+class OutputDirError(UserError, OSError):
     """An output directory is unwritable or too full; the message names it, the bytes needed and the fix."""
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common.errors import ConfigError
 from datamodules.base import InMemoryDataModule
 
 # Offsets of the train and test streams from the seed: the test set does not depend on train_size.
@@ -30,7 +31,7 @@ def make_squares(
     flipped bool [n])``, where ``flipped`` marks the images whose sign was flipped (label noise)."""
     check_squares_args(input_noise, flip_prob, image_shape)
     if n < 0:
-        raise ValueError(f"cannot generate {n} samples; the size must be >= 0")
+        raise ConfigError(f"cannot generate {n} samples; the size must be >= 0")
     y = torch.randint(0, 2, (n,), generator=generator)
     sign = (2 * y - 1).float()  # Y in {-1, +1}
     noise = (torch.rand(n, *image_shape, generator=generator) * 2 - 1) * input_noise
@@ -43,11 +44,11 @@ def make_squares(
 def check_squares_args(input_noise: float, flip_prob: float, image_shape: Sequence[int]) -> None:
     """Raise a ValueError naming the invalid parameter of the squares distribution and its valid range."""
     if not 0 <= input_noise < 1:
-        raise ValueError(f"input_noise must be in [0, 1) so the two classes stay apart, got {input_noise}")
+        raise ConfigError(f"input_noise must be in [0, 1) so the two classes stay apart, got {input_noise}")
     if not 0 <= flip_prob < 0.5:
-        raise ValueError(f"flip_prob must be in [0, 0.5) (0.5 makes the label independent of X), got {flip_prob}")
+        raise ConfigError(f"flip_prob must be in [0, 0.5) (0.5 makes the label independent of X), got {flip_prob}")
     if len(image_shape) == 0 or any(int(d) < 1 for d in image_shape):
-        raise ValueError(f"image_shape must be positive sizes such as [3, 32, 32], got {list(image_shape)}")
+        raise ConfigError(f"image_shape must be positive sizes such as [3, 32, 32], got {list(image_shape)}")
 
 
 class SquaresDataModule(InMemoryDataModule):
@@ -85,7 +86,7 @@ class SquaresDataModule(InMemoryDataModule):
         """
         check_squares_args(input_noise, flip_prob, image_shape)
         if train_size < 1 or test_size < 1:
-            raise ValueError(f"train_size and test_size must be >= 1, got {train_size} and {test_size}")
+            raise ConfigError(f"train_size and test_size must be >= 1, got {train_size} and {test_size}")
         # train_size means "generate this many" here, not the base class's "subset of a fixed set".
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size, seed=seed,
                          augment=augment, train_size=None, **kwargs)

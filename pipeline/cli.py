@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 
+from common.errors import UserError
+from common.files import check_creatable_dir
 from pipeline.presets import PRESETS, preset
-from pipeline.runner import PipelineError, Runner, exit_on_sigterm
-from pipeline.stages import StageError, commands
+from pipeline.runner import Runner, exit_on_sigterm
+from pipeline.stages import commands
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,8 +47,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     extra = [*unknown, *shlex.split(args.stage_args)]
     out = args.out or f"runs/reproduce/{args.preset}"
     try:
+        check_creatable_dir(out, "--out")
         stages = preset(args.preset)
         runner = Runner(stages, out, preset=args.preset, extra_args=extra, force=args.force, only=args.only)
+        t0 = time.monotonic()
+        checked = runner.check_commands()  # a typo stops here, before anything is run or written
+        print(f"checked {checked} commands of {len(runner.selected)} stages in {time.monotonic() - t0:.0f} s: "
+              "they parse")
         if args.dry_run:
             for decision in runner.plan():
                 print(f"{decision.stage.name:<20} {decision.action:<7} {decision.reason}")
@@ -62,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
                     written = write_report(out, stages, args.preset)
                     print(f"report: {written['results.md']}")
-    except (PipelineError, StageError) as err:
+    except UserError as err:  # PipelineError, StageError, ConfigError: the message says it all
         print(f"reproduce: {err}", file=sys.stderr)
         raise SystemExit(1) from err
     return records

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.errors import ConfigError
 from pipeline.runner import STAGE_JSON, read_json, write_json_atomic
 
 # Nakkiran's attacks (SPEC 4.1): 10 steps, L2 eps 2.5 step 0.5, Linf eps 8/255 step 2/255.
@@ -102,7 +103,7 @@ def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer:
     if isinstance(ddet, str) or isinstance(fresh, str):
         ddet, fresh = [ddet] if isinstance(ddet, str) else ddet, [fresh] if isinstance(fresh, str) else fresh
     if len(ddet) != len(fresh) or not ddet:
-        raise ValueError(f"figure3 needs one --fresh checkpoint per --ddet stage (the same architecture, trained on "
+        raise ConfigError(f"figure3 needs one --fresh checkpoint per --ddet stage (the same architecture, trained on "
                          f"clean data): got {len(ddet)} --ddet and {len(fresh)} --fresh")
     x, y = cifar_test_subset(examples, seed, data_dir)
     device = _device()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from common.errors import ConfigError
+
 DEFAULT_LOGGERS = [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"name": "csv"}},
                    {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"name": "tensorboard"}}]
 
@@ -41,7 +43,7 @@ def build_loggers(specs: Sequence[Mapping], out: Path, name: str) -> list:
     loggers = []
     for spec in specs:
         if "class_path" not in spec:
-            raise ValueError(f"logger entry {dict(spec)} has no class_path; write it as in configs/loggers/wandb.yaml")
+            raise ConfigError(f"logger entry {dict(spec)} has no class_path; write it as in configs/loggers/wandb.yaml")
         module, _, cls = spec["class_path"].rpartition(".")
         args = {**(spec.get("init_args") or {}), "save_dir": str(out)}
         if "wandb" in spec["class_path"].lower():

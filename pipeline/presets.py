@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from common.errors import ConfigError
 from pipeline.stages import (
     NO_SWEEP,
     TEST,
@@ -168,7 +169,7 @@ PRESETS: dict[str, Callable[[], list[Stage]]] = {"mini": mini, "paper": paper, "
 def preset(name: str) -> list[Stage]:
     """The checked stage graph of a preset."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     stages = PRESETS[name]()
     check_graph(stages)
     return stages

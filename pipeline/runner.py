@@ -30,7 +30,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from common.errors import UserError
 from pipeline import outputs
+from pipeline.preflight import command_error
 from pipeline.stages import REPO, Stage, commands, last_checkpoint, seed_of, stage_dir, stage_key
 
 STAGE_JSON, ATTEMPT_JSON, LOG, MEASURE_JSON = "stage.json", "attempt.json", "stage.log", "measure.json"
@@ -38,9 +40,10 @@ REPRODUCTION_JSON, LOCK = "reproduction.json", "reproduce.lock"
 LOG_TAIL = 25
 
 Execute = Callable[[list[str], Path, dict], int]
+Preflight = Callable[[Sequence[str]], "str | None"]
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """The pipeline cannot go on; the message names the stage and what to do."""
 
 
@@ -158,16 +161,20 @@ class Runner:
 
     def __init__(self, stages: Sequence[Stage], out: str | Path, *, preset: str, extra_args: Sequence[str] = (),
                  force: Sequence[str] = (), only: Sequence[str] = (), execute: Execute = run_subprocess,
-                 echo: Callable[[str], None] = print) -> None:
+                 preflight: Preflight | None = command_error, echo: Callable[[str], None] = print) -> None:
         """
         Args:
             extra_args: appended to every ``train.py`` command (e.g. ``--trainer.devices 8``); part of the keys.
             force: stages to rerun from scratch (with, through the keys, everything downstream).
             only: run just these stages and what they need (dependencies come from the cache when finished).
             execute: runs one command with its output to a log and returns the exit code (tests replace it).
+            preflight: the error a command would stop with, or None (default: parse it with the command's own
+                parser); every command of every selected stage is checked before the first runs. None skips it
+                (tests whose fake stages are not real commands).
         """
         self.stages, self.out, self.preset = list(stages), Path(out), preset
         self.extra_args, self.force, self.execute, self.echo = list(extra_args), set(force), execute, echo
+        self.preflight, self._checked = preflight, False
         by_name = {s.name: s for s in self.stages}
         for flag, names in (("--force", force), ("--only", only)):
             if unknown := [n for n in names if n not in by_name]:
@@ -233,6 +240,22 @@ class Runner:
             ids[dep] = record["run_id"]
         return ids
 
+    def check_commands(self) -> int:
+        """Parse every command of every selected stage with its own parser (builds nothing); raise PipelineError
+        at the first that would fail, naming the stage. The number of commands checked."""
+        if self.preflight is None or self._checked:
+            return 0
+        checked = 0
+        for stage in self.selected:
+            for label, argv in commands(stage, self.out, self.extra_args):
+                if error := self.preflight(argv):
+                    raise PipelineError(f"stage {stage.name!r}: its {label} command would fail: {error}\n"
+                                        f"  command: {shlex.join(argv)}\nFix the stage's config or the arguments "
+                                        "passed to every stage (--stage-args, --trainer.*); nothing has run")
+                checked += 1
+        self._checked = True
+        return checked
+
     # --------------------------------------------------------------------------------------------- running
 
     def run(self) -> dict[str, dict]:
@@ -242,6 +265,7 @@ class Runner:
             raise PipelineError("missing config files: " + "; ".join(
                 f"stage {name!r} needs {', '.join(map(str, files))}" for name, files in missing.items())
                 + ". Write them, or leave those stages out with --only STAGE ...")
+        self.check_commands()
         reproduction = self.reproduction_id()
         with exclusive(self.out / LOCK):
             return self._run_all(reproduction)

@@ -21,14 +21,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 MEASURE_MODULE = "pipeline/measure.py"  # the "config" of a measure stage: its code enters the key
+MEASURE_MODULE_NAME = "pipeline.measure"
 KEY_FORMAT = 1  # bump when the meaning of a key field changes
 PLACEHOLDER = re.compile(r"\{(ckpt|dir):([A-Za-z0-9_]+)\}|\{out\}")
 
 
-class StageError(ValueError):
+class StageError(UserError, ValueError):
     """A stage or a preset is malformed (missing config, unknown dependency, ...); the message says how to fix it."""
 
 
@@ -192,7 +195,7 @@ def measure_command(stage: Stage, out: Path, extra_args: Sequence[str] = ()) -> 
     """The measure's own arguments; the ``--config`` files among the pass-through arguments (e.g. a wandb logger
     config) give it the loggers the train stages use."""
     configs = [str(c) for c in config_args(extra_args)]
-    return [sys.executable, "-m", "pipeline.measure", stage.measure, "--out", str(stage_dir(out, stage.name)),
+    return [sys.executable, "-m", MEASURE_MODULE_NAME, stage.measure, "--out", str(stage_dir(out, stage.name)),
             *_expanded(stage.overrides, out), *(["--logger_config", *configs] if configs else [])]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import train
+from lightning_modules.cli import redirect_outputs
 from pipeline import claims
 from pipeline.presets import preset
 from pipeline.report import write_report
@@ -87,7 +88,7 @@ def graph(tmp_path):
 
 def run(graph, out, **kw) -> tuple[FakeRun, dict]:
     fake = FakeRun(kw.pop("fail", None))
-    records = Runner(graph, out, preset="test", execute=fake, echo=lambda _: None, **kw).run()
+    records = Runner(graph, out, preset="test", execute=fake, preflight=None, echo=lambda _: None, **kw).run()
     return fake, records
 
 
@@ -244,7 +245,7 @@ def test_unknown_stage_names_and_missing_configs_are_errors(graph, tmp_path):
     (tmp_path / "b.yaml").unlink()
     fake = FakeRun()
     with pytest.raises(PipelineError, match=r"stage 'b' needs .*b\.yaml"):
-        Runner(graph, tmp_path / "out", preset="test", execute=fake, echo=lambda _: None).run()
+        Runner(graph, tmp_path / "out", preset="test", execute=fake, preflight=None, echo=lambda _: None).run()
     assert fake.calls == []  # nothing starts before every config is there
 
 
@@ -466,13 +467,13 @@ def test_run_dir_redirects_loggers_checkpoints_and_output_dirs():
         callbacks=[component("pytorch_lightning.callbacks.ModelCheckpoint", dirpath="runs/x/checkpoints"),
                    component("lightning_modules.squares.SquaresRobustness", output_dir="runs/x", eps=0.01),
                    component("pytorch_lightning.callbacks.LearningRateMonitor", logging_interval=None)])
-    train.redirect_outputs(trainer, "/r")
+    redirect_outputs(trainer, "/r")
     assert trainer.default_root_dir == "/r"
     assert [lg.init_args.save_dir for lg in trainer.logger] == ["/r", "/r"] and trainer.logger[1].init_args.dir == "/r"
     assert trainer.callbacks[0].init_args.dirpath == "/r/checkpoints"
     assert trainer.callbacks[1].init_args.output_dir == "/r" and trainer.callbacks[1].init_args.eps == 0.01
     bare = Namespace(default_root_dir=None, logger=True, callbacks=None)  # Lightning's defaults
-    train.redirect_outputs(bare, "/r")
+    redirect_outputs(bare, "/r")
     assert bare.default_root_dir == "/r" and bare.logger is True
 
 

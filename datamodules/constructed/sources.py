@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import ConfigError
 from datamodules.files import file_hash
 
 MODEL_PREFIX = "model."  # ClassifierModule keeps its network in ``self.model``
@@ -44,11 +45,11 @@ def load_source(path: str | Path, *, arch: str | None = None, num_classes: int |
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors come in several types; all mean "not a plain checkpoint"
-        raise ValueError(f"{path} is not a checkpoint loadable with weights_only=True (no arbitrary "
+        raise ConfigError(f"{path} is not a checkpoint loadable with weights_only=True (no arbitrary "
                          f"unpickling): {err}") from err
     hparams = checkpoint.get("hyper_parameters") or {}
     if "arch" not in hparams or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a ClassifierModule/AdversarialModule checkpoint: it needs "
+        raise ConfigError(f"{path} is not a ClassifierModule/AdversarialModule checkpoint: it needs "
                          "'hyper_parameters' with 'arch' and a 'state_dict' (robustness-library checkpoints "
                          "must be converted first)")
     build = {k: hparams[k] for k in BUILD_KEYS if hparams.get(k) is not None}
@@ -56,13 +57,13 @@ def load_source(path: str | Path, *, arch: str | None = None, num_classes: int |
     for key, want in expected.items():
         have = build.get(key, {"num_classes": 10, "in_channels": 3}.get(key))  # build_model's defaults
         if want is not None and have != want:
-            raise ValueError(f"source checkpoint {path} has {key}={have!r}, but the config expects {want!r}")
+            raise ConfigError(f"source checkpoint {path} has {key}={have!r}, but the config expects {want!r}")
     model = build_model(**{k: v for k, v in build.items() if k != "arch_kwargs"}, **build.get("arch_kwargs", {}))
     weights = {k[len(MODEL_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(f"the weights in {path} do not fit the network its hyperparameters describe "
+        raise ConfigError(f"the weights in {path} do not fit the network its hyperparameters describe "
                          f"({build}); was it trained with another version of models.py?\n{err}") from err
     model.eval().requires_grad_(False)  # attacks need input gradients only
     return Source(str(path), file_hash(path, "sha256"), build, model)

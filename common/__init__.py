@@ -1,0 +1,1 @@
+"""The ground floor: plain helpers with no heavy imports, used by every other package."""
