@@ -158,7 +158,14 @@ def _ddp_worker(rank: int, world: int, init_file: str, ckpt: str, cache: str, ou
 
 
 def test_one_and_two_processes_give_identical_bytes(ckpt, tmp_path):
-    single = built(synthetic(ckpt, tmp_path / "one", RelabelByAttack("random", steps=3)))
+    # At the same thread count as each DDP rank: the CPU thread count is part of the key (tests/test_determinism.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = built(synthetic(ckpt, tmp_path / "one", RelabelByAttack("random", steps=3)))
+    finally:
+        torch.set_num_threads(threads)
+    assert single.constructed.manifest["numerics"]["intra_op_threads"] == 1
     # fork (Lightning's ddp_fork) starts in milliseconds; spawn re-imports torch and Lightning in each child.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(ckpt), str(tmp_path / "two"),

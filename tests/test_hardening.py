@@ -103,6 +103,16 @@ def generation(ckpt: Path, recipe: RelabelByAttack | None = None) -> Generation:
                       batch_size=8, progress=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread here too: the forked children run single-threaded, and the thread count is part of a
+    constructed set's cache key (tests/test_determinism.py), so the reference must be made with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("source") / "source.ckpt")
