@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.errors import ConfigError
+
 NORMS = ("l2", "linf")
 RANDOM_STARTS = (False, True, "ball", "sphere")
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -61,42 +63,54 @@ def check_attack_args(
     steps: int,
     random_start: bool | str = False,
     bounds: tuple[float, float] | None = None,
+    *,
+    fix: str | None = None,
 ) -> None:
-    """Raise a ValueError naming the problem (and the fix) for an invalid attack specification."""
+    """Raise a ValueError naming the problem (and the fix) for an invalid attack specification.
+
+    ``bounds`` (the pixel range the attack clamps to; None skips the Linf-vs-range check) should be those the
+    attack will run with: ``pgd``'s default is ``(0.0, 1.0)``. ``fix``, e.g. ``"model.init_args"``, is where the
+    arguments are set; each message then ends with ``; fix <fix>.<argument>``."""
+
+    def refuse(argument: str, message: str) -> ConfigError:
+        return ConfigError(f"{message}; fix {fix}.{argument}" if fix else message)
+
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; use one of {NORMS}")
+        raise refuse("norm", f"unknown norm {norm!r}; use one of {NORMS}")
     if not isinstance(eps, numbers.Real) or math.isnan(eps) or eps <= 0:
-        raise ValueError(
+        raise refuse(
+            "eps",
             f"eps must be a positive number (math.inf allowed for unconstrained descent), got {eps!r}; "
-            "for clean accuracy do not attack at all"
+            "for clean accuracy do not attack at all",
         )
     if not isinstance(step_size, numbers.Real) or not math.isfinite(step_size) or step_size <= 0:
-        raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
+        raise refuse("step_size", f"step_size must be a positive finite number, got {step_size!r}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int (0 returns the starting point), got {steps!r}")
+        raise refuse("steps", f"steps must be a non-negative int (0 returns the starting point), got {steps!r}")
     if random_start not in RANDOM_STARTS:
-        raise ValueError(f"random_start must be one of {RANDOM_STARTS}, got {random_start!r}")
+        raise refuse("random_start", f"random_start must be one of {RANDOM_STARTS}, got {random_start!r}")
     if random_start and math.isinf(eps):
-        raise ValueError("a random start needs a finite eps: no uniform distribution on an infinite ball")
+        raise refuse("eps", "a random start needs a finite eps: no uniform distribution on an infinite ball")
     if random_start == "sphere" and norm != "l2":
-        raise ValueError("random_start='sphere' is for norm='l2' only; use True for a uniform Linf start")
+        raise refuse("random_start", "random_start='sphere' is for norm='l2' only; use True for a uniform Linf start")
     if bounds is not None:
         low, high = bounds
         if not low < high:
-            raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+            raise refuse("bounds", f"bounds must be (low, high) with low < high, got {bounds!r}")
         if norm == "linf" and eps > high - low:
-            raise ValueError(
+            raise refuse(
+                "eps",
                 f"Linf eps={eps} exceeds the width {high - low} of bounds {bounds}: the budget is vacuous. "
-                f"Epsilons are in pixel units of [0, 1] images; did you mean eps={eps}/255?"
+                f"Epsilons are in pixel units of [0, 1] images; did you mean eps={eps}/255?",
             )
 
 
 def _prepare_inputs(x: Tensor, y: Tensor, bounds: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
     """Detached, autograd-usable copies of the inputs, with the iterate in at least fp32."""
     if not x.is_floating_point():
-        raise ValueError(f"x must be a floating tensor of images in pixel units, got dtype {x.dtype}")
+        raise ConfigError(f"x must be a floating tensor of images in pixel units, got dtype {x.dtype}")
     if x.dim() == 0 or y.shape[:1] != x.shape[:1]:
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must share the batch dimension")
+        raise ConfigError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must share the batch dimension")
     # Inference tensors (made under torch.inference_mode) cannot be saved for backward: copy them.
     x = x.clone() if x.is_inference() else x.detach()
     y = y.clone() if y.is_inference() else y.detach()
@@ -106,11 +120,11 @@ def _prepare_inputs(x: Tensor, y: Tensor, bounds: tuple[float, float] | None) ->
     # One device sync for both checks: min and max propagate NaN and show infinities.
     lo, hi = torch.stack(torch.aminmax(x)).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("x contains NaN or inf values")
+        raise ConfigError("x contains NaN or inf values")
     if bounds is not None:
         low, high = bounds
         if lo < low - 1e-5 or hi > high + 1e-5:
-            raise ValueError(
+            raise ConfigError(
                 f"x has values in [{lo:.3g}, {hi:.3g}], outside bounds {bounds}. Inputs must be images in "
                 "pixel units with the normalisation inside the model (otherwise eps changes units); "
                 "pass bounds=None to disable clamping"
@@ -222,7 +236,7 @@ def _make_objective(
             else:
                 logits, losses = None, loss_fn(model, x_in, y)
         if losses.shape != x_adv.shape[:1]:
-            raise ValueError(
+            raise ConfigError(
                 f"the attack loss must be per example, shape ({x_adv.shape[0]},), got {tuple(losses.shape)}; "
                 "use reduction='none'"
             )
@@ -304,7 +318,7 @@ def pgd(
         raise RuntimeError(_INFERENCE_MODE_ERROR)
     check_attack_args(norm, eps, step_size, steps, random_start, bounds)
     if channels_last and x.dim() != 4:
-        raise ValueError(f"channels_last needs 4D (B, C, H, W) inputs, got shape {tuple(x.shape)}")
+        raise ConfigError(f"channels_last needs 4D (B, C, H, W) inputs, got shape {tuple(x.shape)}")
     x0, y = _prepare_inputs(x, y, bounds)
 
     x_adv = x0
@@ -385,7 +399,8 @@ def fgsm_rs(
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """A PGD specification, validated at construction; ``run`` applies it (extra keywords go to ``pgd``)."""
+    """A PGD specification, validated at construction (with its ``bounds``); ``run`` applies it (extra keywords
+    go to ``pgd``)."""
 
     norm: str
     eps: float
@@ -393,9 +408,11 @@ class AttackConfig:
     steps: int
     random_start: bool | str = False
     use_best: bool = True
+    bounds: tuple[float, float] | None = (0.0, 1.0)  # pgd's default: the pixel box; None for no clamping
 
     def __post_init__(self) -> None:
-        check_attack_args(self.norm, self.eps, self.step_size, self.steps, self.random_start)
+        # With the bounds the attack runs with, so a vacuous Linf eps is refused here, not at the first batch.
+        check_attack_args(self.norm, self.eps, self.step_size, self.steps, self.random_start, self.bounds)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> Tensor:
         return pgd(model, x, y, **{**asdict(self), **kwargs})

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
+from common.errors import ConfigError
 from datamodules.augment import random_crop_flip
 from datamodules.files import resolve_data_dir
 
@@ -35,7 +36,7 @@ def world_info() -> tuple[int, int]:
 def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     """Sorted indices of ``size`` examples with classes as equal as possible, drawn with ``seed``."""
     if not 0 < size <= len(labels):
-        raise ValueError(f"subset size {size} must be in 1..{len(labels)} (the dataset's size); fix train_size")
+        raise ConfigError(f"subset size {size} must be in 1..{len(labels)} (the dataset's size); fix train_size")
     gen = torch.Generator().manual_seed(seed)
     classes = labels.unique()
     chosen = []
@@ -43,7 +44,7 @@ def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
         members = (labels == c).nonzero().flatten()
         take = size // len(classes) + (rank < size % len(classes))
         if take > len(members):
-            raise ValueError(f"class {int(c)} has {len(members)} examples, fewer than the {take} asked for")
+            raise ConfigError(f"class {int(c)} has {len(members)} examples, fewer than the {take} asked for")
         chosen.append(members[torch.randperm(len(members), generator=gen)[:take]])
     return torch.cat(chosen).sort().values
 
@@ -108,7 +109,8 @@ class InMemoryDataModule(pl.LightningDataModule):
                                  ("train_size", train_size, 1), ("val_size", val_size, 0),
                                  ("crop_padding", crop_padding, 0)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}; fix data.init_args.{name}")
+                raise ConfigError(f"{name} must be an int >= {low}, got {value!r}; fix data.init_args.{name}")
+        self.check_test_label_shift(test_label_shift)
         self.save_hyperparameters()
         self.data_dir = resolve_data_dir(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -116,6 +118,20 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.augment, self.crop_padding, self.flip = augment, crop_padding, flip
         self.test_label_shift = test_label_shift
         self.train: Split | None = None
+
+    def check_test_label_shift(self, shift: int) -> None:
+        """Refuse a shift that is not an int, or a non-zero multiple of ``num_classes``: (y + shift) mod C would
+        be the true labels, so a run meant to measure shifted-label accuracy would silently measure plain
+        accuracy."""
+        c = self.num_classes
+        if isinstance(shift, bool) or not isinstance(shift, int):
+            raise ConfigError(f"test_label_shift must be an int, got {shift!r}; fix data.init_args.test_label_shift")
+        if shift and shift % c == 0:
+            raise ConfigError(
+                f"test_label_shift={shift} is a multiple of the {c} classes of {type(self).__name__}: the test "
+                f"labels (y + {shift}) mod {c} equal the true labels, so the shift does nothing; fix "
+                f"data.init_args.test_label_shift: a shift in 1..{c - 1} (D_det's is 1), or 0 for the true labels"
+            )
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -128,11 +144,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.check_split("test", test_x, test_y)
         n = len(train_y)
         if self.val_size >= n:
-            raise ValueError(f"val_size={self.val_size} leaves no training examples: {type(self).__name__} has "
+            raise ConfigError(f"val_size={self.val_size} leaves no training examples: {type(self).__name__} has "
                              f"{n}; use val_size < {n} (0 validates on the test set)")
         if self.train_size is not None and self.train_size > n - self.val_size:
             held_out = f" after holding out val_size={self.val_size}" if self.val_size else ""
-            raise ValueError(f"train_size={self.train_size} is larger than the {n - self.val_size} training examples "
+            raise ConfigError(f"train_size={self.train_size} is larger than the {n - self.val_size} training examples "
                              f"of {type(self).__name__}{held_out}; use train_size <= {n - self.val_size}, or null "
                              "for all of them")
         keep = torch.arange(len(train_y))
@@ -155,13 +171,13 @@ class InMemoryDataModule(pl.LightningDataModule):
         NaN / inf images. (Value ranges are the loaders' business: the squares toy is not in [0, 1].)"""
         where = f"{type(self).__name__} {split} set"
         if len(x) != len(y) or y.dim() != 1:
-            raise ValueError(f"{where}: {len(x)} images but labels of shape {tuple(y.shape)}")
+            raise ConfigError(f"{where}: {len(x)} images but labels of shape {tuple(y.shape)}")
         if len(y) and (y.is_floating_point() or y.min() < 0 or y.max() >= self.num_classes):
-            raise ValueError(f"{where}: labels must be integers in [0, {self.num_classes}), got {y.dtype} in "
+            raise ConfigError(f"{where}: labels must be integers in [0, {self.num_classes}), got {y.dtype} in "
                              f"[{y.min()}, {y.max()}]; check the dataset files (or num_classes)")
         if x.is_floating_point() and x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():
             # aminmax propagates NaN and shows infinities: one pass over the data
-            raise ValueError(f"{where}: images contain NaN or inf values; the files are damaged or were written "
+            raise ConfigError(f"{where}: images contain NaN or inf values; the files are damaged or were written "
                              "by a broken generator: rebuild them")
 
     def state_dict(self) -> dict:
@@ -193,7 +209,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         _, world = world_info()
         per_device = len(self.train[1]) // world
         if per_device < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the training set has {len(self.train[1])} examples, {per_device} per device over {world} "
                 f"device(s): fewer than batch_size={self.batch_size}, so there is no full batch to train on "
                 "(incomplete batches are dropped). Lower data.init_args.batch_size (it is per device) or train "

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from attacks import check_attack_args, pgd
 from attacks.ensemble import make_ensemble, nakkiran_loss
 from attacks.pgd import LossFn
+from common.errors import ConfigError
 from datamodules.base import as_float_images
 
 TARGET_RULES = ("random", "shift")
@@ -66,8 +67,8 @@ def l2_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 class Recipe:
-    """Base class. Subclasses set ``name`` and ``steps``, keep their constructor arguments in ``self._config``
-    and implement ``__call__``.
+    """Base class. Subclasses set ``name``, ``steps`` and ``source_count``, keep their constructor arguments in
+    ``self._config`` and implement ``__call__``.
 
     ``config()`` enters the cache key together with ``name``, so two recipes with equal name and config must
     produce the same data (bump the name if a code change alters the output).
@@ -75,6 +76,9 @@ class Recipe:
 
     name: str = "recipe"
     steps: int = 0  # gradient steps per image, for the throughput in image-steps per second
+    # How many source checkpoints the recipe takes: (at least, at most; None for no limit). The DataModule
+    # checks it at construction (check_sources), before any data is loaded or written.
+    source_count: tuple[int, int | None] = (1, None)
 
     def config(self) -> dict:
         return dict(self._config)
@@ -89,10 +93,23 @@ class Recipe:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
 
-    @staticmethod
-    def _single(sources: Sequence[nn.Module], name: str) -> nn.Module:
-        if len(sources) != 1:
-            raise ValueError(f"{name} uses exactly one source checkpoint, got {len(sources)}")
+    def check_sources(self, count: int) -> None:
+        """Refuse ``count`` source checkpoints if the recipe takes another number (``source_count``)."""
+        low, high = self.source_count
+        if not (low <= count and (high is None or count <= high)):
+            raise ConfigError(f"{self.source_count_problem(count)}; fix data.init_args.sources")
+
+    def source_count_problem(self, count: int) -> str:
+        """What is wrong with ``count`` sources, and what they should be."""
+        low, high = self.source_count
+        if low == high:
+            need = f"exactly {'one' if low == 1 else low} source checkpoint{'s' * (low != 1)}"
+        else:
+            need = f"at least {low} source checkpoint{'s' * (low != 1)}" + (f", at most {high}" if high else "")
+        return f"{self.name} uses {need}, got {count}: list the source model's last.ckpt"
+
+    def _single(self, sources: Sequence[nn.Module]) -> nn.Module:
+        self.check_sources(len(sources))
         return sources[0]
 
 
@@ -100,6 +117,7 @@ class RelabelByAttack(Recipe):
     """D_rand / D_det: targeted PGD (L2 by default) towards a target t from a standard model; the new label is t."""
 
     name = "relabel_by_attack"
+    source_count = (1, 1)
 
     def __init__(self, targets: str = "random", eps: float = 0.5, step_size: float = 0.1, steps: int = 100,
                  use_best: bool = True, shift: int = 1, norm: str = "l2") -> None:
@@ -117,7 +135,7 @@ class RelabelByAttack(Recipe):
             norm: threat model, ``l2`` (default) or ``linf``.
         """
         if targets not in TARGET_RULES:
-            raise ValueError(f"unknown target rule {targets!r}; choose one of {TARGET_RULES}")
+            raise ConfigError(f"unknown target rule {targets!r}; choose one of {TARGET_RULES}")
         check_attack_args(norm, eps, step_size, steps, False, (0.0, 1.0))
         self.targets, self.eps, self.step_size, self.steps = targets, eps, step_size, steps
         self.use_best, self.shift, self.norm = use_best, shift, norm
@@ -154,7 +172,7 @@ class RelabelByAttack(Recipe):
         return stats
 
     def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
-        model = self._single(sources, self.name)
+        model = self._single(sources)
         t = self.choose_targets(batch.y, batch.generators, batch.num_classes)
         x_adv = self.attack(model, batch, t)
         return RecipeOutput(x_adv, t, self.target_stats(model, batch, x_adv, t))
@@ -166,6 +184,7 @@ class NonTransferableAttack(RelabelByAttack):
     the true label y; the new label is t. ``sources`` are the target's checkpoint followed by the members'."""
 
     name = "non_transferable_attack"
+    source_count = (2, None)  # the target, then at least one ensemble member
 
     def __init__(self, targets: str = "shift", eps: float = 2.5, step_size: float = 0.5, steps: int = 10,
                  use_best: bool = True, shift: int = 1, norm: str = "l2", batched_ensemble: bool = False) -> None:
@@ -187,13 +206,13 @@ class NonTransferableAttack(RelabelByAttack):
         self.batched_ensemble = batched_ensemble
         self._config = {**self._config, "norm": norm, "batched_ensemble": batched_ensemble}
 
+    def source_count_problem(self, count: int) -> str:
+        return (f"{self.name} needs the target model followed by at least one ensemble member in `sources`, got "
+                f"{count} checkpoint(s): list the target's last.ckpt first, then the members' (e.g. "
+                "runs/mini/ensemble/seed_1/checkpoints/last.ckpt, ...). For plain PGD use RelabelByAttack")
+
     def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
-        if len(sources) < 2:
-            raise ValueError(
-                f"{self.name} needs the target model followed by at least one ensemble member in `sources`, got "
-                f"{len(sources)} checkpoint(s): list the target's last.ckpt first, then the members' (e.g. "
-                "runs/mini/ensemble/seed_1/checkpoints/last.ckpt, ...). For plain PGD use RelabelByAttack."
-            )
+        self.check_sources(len(sources))
         # Built per batch (stacking copies the weights, negligible next to 10 steps of 1 + k models): a recipe
         # holding the sources would keep them, on the device, alive through the training that follows.
         target, ensemble = sources[0], make_ensemble(sources[1:], batched=self.batched_ensemble)
@@ -210,7 +229,7 @@ class NonTransferableAttack(RelabelByAttack):
 def other_positions(positions: Tensor, generators: Sequence[torch.Generator], pool_size: int) -> Tensor:
     """For each example, a uniformly random position in the pool other than its own (independent of labels)."""
     if pool_size < 2:
-        raise ValueError("representation inversion needs at least two training images to start from")
+        raise ConfigError("representation inversion needs at least two training images to start from")
     drawn = torch.tensor([int(torch.randint(pool_size - 1, (1,), generator=g)) for g in generators])
     return drawn + (drawn >= positions).long()  # skip the example itself
 
@@ -220,6 +239,7 @@ class RepresentationInversion(Recipe):
     [0, 1]^d with L2-normalised steps (g = the source's penultimate representation); the label stays y."""
 
     name = "representation_inversion"
+    source_count = (1, 1)
 
     def __init__(self, step_size: float = 0.1, steps: int = 1000, use_best: bool = True) -> None:
         """
@@ -232,7 +252,7 @@ class RepresentationInversion(Recipe):
         self._config = {"step_size": step_size, "steps": steps, "use_best": use_best}
 
     def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
-        model = self._single(sources, self.name)
+        model = self._single(sources)
         device = batch.x.device
         start = as_float_images(batch.pool[other_positions(batch.positions, batch.generators, len(batch.pool))])
         start = start.to(device)

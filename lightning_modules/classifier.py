@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from common.errors import ConfigError, UserError
 from datamodules.base import as_float_images
 from datamodules.cifar10 import MEAN as CIFAR_MEAN
 from datamodules.cifar10 import STD as CIFAR_STD
@@ -16,6 +17,15 @@ from lightning_modules.models import build_model
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "linear", "constant")
+# The datamodule splits each trainer stage reads (``check_data``); other stages check every split there is.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+# Normalisation statistics to suggest in a channel-mismatch message, by channel count.
+EXAMPLE_STATS = {1: "mean: [0.1307], std: [0.3081] for MNIST", 3: f"mean: {list(CIFAR_MEAN)}, std: {list(CIFAR_STD)} "
+                 "for CIFAR-10"}
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The training loss became NaN / inf; the message names the batch and the usual fixes."""
 
 
 class ClassifierModule(pl.LightningModule):
@@ -44,11 +54,13 @@ class ClassifierModule(pl.LightningModule):
         """
         Args:
             arch: network: ``resnet18``, ``resnet50``, ``vgg16`` or ``fast_cnn`` (see ``models.py``).
-            num_classes: number of output classes.
-            in_channels: image channels (3 for CIFAR-10, 1 for MNIST).
+            num_classes: number of output classes; must equal the datamodule's ``num_classes``.
+            in_channels: image channels (3 for CIFAR-10, 1 for MNIST); must match the data's. Both are checked
+                against the data when the trainer sets the module up (:meth:`check_data`).
             mean: per-channel mean of the normalisation layer inside the model (inputs stay in pixel units).
             std: per-channel std of the normalisation layer.
-            arch_kwargs: extra architecture arguments, e.g. ``{"widths": [32, 64, 128]}`` for ``fast_cnn``.
+            arch_kwargs: extra architecture arguments, e.g. ``{"widths": [32, 64, 128]}`` for ``fast_cnn``; keys
+                the architecture does not take (``models.arch_kwargs_of``) are refused.
             optimizer: ``sgd`` (momentum, optional Nesterov) or ``adam``. A LightningCLI ``--optimizer``
                 section overrides this and the schedule.
             lr: peak learning rate.
@@ -66,16 +78,16 @@ class ClassifierModule(pl.LightningModule):
         """
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+            raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
         if lr_schedule not in SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {SCHEDULES}")
+            raise ConfigError(f"unknown lr_schedule {lr_schedule!r}; choose one of {SCHEDULES}")
         checks = {"lr": (lr, lr > 0, "> 0"), "weight_decay": (weight_decay, weight_decay >= 0, ">= 0"),
                   "momentum": (momentum, 0 <= momentum < 1, "in [0, 1)"), "lr_gamma": (lr_gamma, lr_gamma > 0, "> 0"),
                   "label_smoothing": (label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
                   "warmup_fraction": (warmup_fraction, 0 <= warmup_fraction < 1, "in [0, 1)")}
         for name, (value, ok, allowed) in checks.items():
             if not ok:  # NaN fails every comparison, so it lands here too
-                raise ValueError(f"{name} must be {allowed}, got {value!r}; fix model.init_args.{name}")
+                raise ConfigError(f"{name} must be {allowed}, got {value!r}; fix model.init_args.{name}")
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, in_channels, mean, std, **(arch_kwargs or {}))
         if channels_last:
@@ -83,6 +95,45 @@ class ClassifierModule(pl.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {split: MulticlassAccuracy(num_classes, average="micro") for split in ("train_", "val_", "test_")}
         )
+
+    def setup(self, stage: str) -> None:
+        # Lightning runs this after the datamodule's setup: the data is there to compare with the network, which
+        # would otherwise broadcast 1-channel images against 3-channel statistics and train without a word.
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            self.check_data(datamodule, stage)
+
+    def check_data(self, datamodule: pl.LightningDataModule, stage: str | None = None) -> None:
+        """Refuse data the network was not built for: a ``num_classes`` other than the model's, images with
+        another channel count than its ``in_channels``, labels outside ``[0, num_classes)``. Checks the splits
+        that ``stage`` reads (``STAGE_SPLITS``) among ``datamodule.train`` / ``val`` / ``test`` ((x, y) tensors);
+        splits not set up yet, and datamodules without them, are skipped."""
+        in_channels, num_classes = self.model.normalize.mean.shape[1], self.model.head.out_features
+        name = type(datamodule).__name__
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes != num_classes:
+            raise ConfigError(f"{name} has {data_classes} classes but the model was built with num_classes="
+                              f"{num_classes}; fix model.init_args.num_classes: {data_classes}")
+        for split in STAGE_SPLITS.get(stage, ("train", "val", "test")):
+            data = getattr(datamodule, split, None)
+            if not (isinstance(data, tuple | list) and len(data) == 2
+                    and all(isinstance(t, torch.Tensor) for t in data)):
+                continue
+            x, y = data
+            if x.dim() == 4 and x.shape[1] != in_channels:
+                c = x.shape[1]
+                stats = f" (e.g. {EXAMPLE_STATS[c]})" if c in EXAMPLE_STATS else ""
+                raise ConfigError(
+                    f"{name} {split} images have {c} channel(s) (shape {list(x.shape[1:])}) but the model was "
+                    f"built with in_channels={in_channels}; fix model.init_args.in_channels: {c}, with {c}-value "
+                    f"model.init_args.mean and std{stats}"
+                )
+            if len(y) and not y.is_floating_point():
+                low, high = (int(v) for v in torch.aminmax(y))
+                if low < 0 or high >= num_classes:
+                    raise ConfigError(f"{name} {split} labels lie in [{low}, {high}], outside the model's "
+                                      f"[0, {num_classes}) (num_classes={num_classes}); fix "
+                                      f"model.init_args.num_classes or the labels of the data")
 
     def on_fit_start(self) -> None:
         # Data-initialised layers (fast_cnn's whitening) are fitted once, from the first 5,000 training images;
@@ -106,7 +157,7 @@ class ClassifierModule(pl.LightningModule):
         logits = self(self.training_inputs(x, y))
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         if not torch.isfinite(loss):  # one check of a scalar; stop before the update spreads NaN to the weights
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx} "
                 f"(global step {self.global_step}); training stopped before this update. Usual causes: a learning "
                 "rate too high for the schedule, NaN/inf in the inputs, fp16 overflow. Fix: lower model.init_args.lr "

@@ -3,11 +3,14 @@ in pixel units), returns logits from ``forward`` and the penultimate representat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from common.errors import ConfigError
 from datamodules.cifar10 import MEAN as CIFAR_MEAN
 from datamodules.cifar10 import STD as CIFAR_STD
 
@@ -121,7 +124,7 @@ class PatchWhitening(nn.Module):
     def __init__(self, in_channels: int, eps: float = 5e-4) -> None:
         super().__init__()
         if not eps > 0:  # eps 0 divides by the zero eigenvalues of flat patches
-            raise ValueError(f"PatchWhitening: whiten_eps must be > 0, got {eps!r}; airbench uses 5e-4")
+            raise ConfigError(f"PatchWhitening: whiten_eps must be > 0, got {eps!r}; airbench uses 5e-4")
         self.conv = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, padding=0, bias=False)
         self.conv.weight.requires_grad_(False)
         self.eps = eps
@@ -156,7 +159,7 @@ def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool:
     No learned stem: normalising/activating full-resolution maps costs more than it gives on a CPU.
     """
     if pool not in ("max", "avg"):
-        raise ValueError(f"fast_cnn pool must be 'max' or 'avg', got {pool!r}")
+        raise ConfigError(f"fast_cnn pool must be 'max' or 'avg', got {pool!r}")
     layers: list[nn.Module] = []
     c_in = in_channels
     if whiten:
@@ -170,20 +173,62 @@ def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool:
     return nn.Sequential(*layers), c_in
 
 
-ARCHITECTURES = {
-    "resnet18": lambda c, **kw: cifar_resnet_body(BasicBlock, (2, 2, 2, 2), c),
-    "resnet50": lambda c, **kw: cifar_resnet_body(Bottleneck, (3, 4, 6, 3), c),
-    "vgg16": lambda c, **kw: vgg16_body(c),
-    "fast_cnn": lambda c, **kw: fast_cnn_body(c, **kw),
+def resnet18_body(in_channels: int) -> tuple[nn.Module, int]:
+    """ResNet-18 (CIFAR variant, :func:`cifar_resnet_body`); it takes no ``arch_kwargs``."""
+    return cifar_resnet_body(BasicBlock, (2, 2, 2, 2), in_channels)
+
+
+def resnet50_body(in_channels: int) -> tuple[nn.Module, int]:
+    """ResNet-50 (CIFAR variant, :func:`cifar_resnet_body`); it takes no ``arch_kwargs``."""
+    return cifar_resnet_body(Bottleneck, (3, 4, 6, 3), in_channels)
+
+
+# name -> body builder ``(in_channels, **arch_kwargs) -> (body, feature_dim)``. Each builder's signature lists
+# exactly the arch_kwargs it accepts (no **kwargs), so build_model can refuse the others instead of ignoring them.
+ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
+    "resnet18": resnet18_body,
+    "resnet50": resnet50_body,
+    "vgg16": vgg16_body,
+    "fast_cnn": fast_cnn_body,
 }
+
+
+def arch_kwargs_of(arch: str) -> tuple[str, ...]:
+    """The ``arch_kwargs`` architecture ``arch`` accepts: its builder's parameters after ``in_channels``."""
+    return tuple(list(inspect.signature(ARCHITECTURES[arch]).parameters)[1:])
+
+
+def check_arch_kwargs(arch: str, arch_kwargs: dict) -> None:
+    """Refuse ``arch_kwargs`` that ``arch`` does not take, naming them, the accepted ones and a close match."""
+    accepted = arch_kwargs_of(arch)
+    unknown = sorted(set(arch_kwargs) - set(accepted), key=str)
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), accepted, n=1)
+        owners = [other for other in ARCHITECTURES if other != arch and key in arch_kwargs_of(other)]
+        if close:
+            hints.append(f"{key!r}: did you mean {close[0]!r}")
+        elif owners:
+            hints.append(f"{key!r} is an option of {' and '.join(owners)}, not of {arch}")
+    takes = f"accepts only {', '.join(accepted)}" if accepted else "takes no arch_kwargs"
+    fix = f"fix model.init_args.arch_kwargs: remove {unknown}" + (f" (accepted: {list(accepted)})" if accepted else "")
+    raise ConfigError("; ".join([f"arch_kwargs {unknown} are not options of architecture {arch!r}, which {takes}",
+                                 *hints, fix]))
 
 
 def build_model(arch: str, num_classes: int = 10, in_channels: int = 3, mean: Sequence[float] = CIFAR_MEAN,
                 std: Sequence[float] = CIFAR_STD, **arch_kwargs) -> Classifier:
-    """A classifier by name: one of ``ARCHITECTURES``."""
+    """A classifier by name: one of ``ARCHITECTURES``; ``arch_kwargs`` must be options of that architecture
+    (:func:`arch_kwargs_of`), anything else is refused rather than ignored."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        close = difflib.get_close_matches(str(arch), ARCHITECTURES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown architecture {arch!r}; {hint}choose one of {sorted(ARCHITECTURES)}; fix "
+                          "model.init_args.arch")
+    check_arch_kwargs(arch, arch_kwargs)
     if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(f"mean/std need {in_channels} values (one per input channel), got {len(mean)}/{len(std)}")
+        raise ConfigError(f"mean/std need {in_channels} values (one per input channel), got {len(mean)}/{len(std)}")
     body, dim = ARCHITECTURES[arch](in_channels, **arch_kwargs)
     return Classifier(body, dim, num_classes, mean, std)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from attacks import eval_mode, pgd, point_key, predict
 from attacks.evaluate import model_device
 from attacks.pgd import check_attack_args
+from common.errors import ConfigError
 from datamodules.base import as_float_images, world_info
 from datamodules.files import write_bytes_atomic
 from lightning_modules.loggers import log_figure
@@ -142,7 +143,7 @@ class RecalibrateBatchNorm(pl.Callback):
             batch_size: images per forward pass (each batch's statistics enter the average equally).
         """
         if examples < 1 or batch_size < 2:
-            raise ValueError(f"examples must be >= 1 and batch_size >= 2, got {examples} and {batch_size}")
+            raise ConfigError(f"examples must be >= 1 and batch_size >= 2, got {examples} and {batch_size}")
         self.examples, self.batch_size = examples, batch_size
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
@@ -380,7 +381,7 @@ def squares_figure(runs: Sequence[Mapping]):
     import matplotlib.pyplot as plt
 
     if not runs:
-        raise ValueError("squares_figure needs at least one run (the contents of a squares.json)")
+        raise ConfigError("squares_figure needs at least one run (the contents of a squares.json)")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for run in runs:
         pts = [(r["eps"], r["flip_fraction"]) for r in run["curve"]]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from common.errors import ConfigError
 from datamodules.base import as_float_images, world_info
 from datamodules.cifar10 import CLASSES
 from datamodules.constructed.engine import PRECISIONS, ConstructedSet, Generation, construct
@@ -65,11 +66,32 @@ class ConstructedDataModule(CIFAR10DataModule):
             grid_examples: number of (original, constructed) pairs in the logged example grid.
         """
         super().__init__(**kwargs)
+        # Everything that can be checked without data is checked here, before the trainer (and its run
+        # directory) exists and before anything is written under cache_dir.
         if generation_precision not in PRECISIONS:
-            raise ValueError(f"unknown generation_precision {generation_precision!r}; choose one of "
-                             f"{sorted(PRECISIONS)}")
+            raise ConfigError(f"unknown generation_precision {generation_precision!r}; choose one of "
+                             f"{sorted(PRECISIONS)}; fix data.init_args.generation_precision")
+        if not isinstance(recipe, Recipe):
+            raise ConfigError(f"recipe must be a datamodules.recipes.Recipe (e.g. class_path: "
+                              f"datamodules.RelabelByAttack), got {type(recipe).__name__}; fix data.init_args.recipe")
+        for name, value, low in (("generation_batch_size", generation_batch_size, 1), ("shard_size", shard_size, 1),
+                                 ("grid_examples", grid_examples, 1), ("generation_seed", generation_seed, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+                kind = f"an int >= {low}" if low is not None else "an int"
+                raise ConfigError(f"{name} must be {kind}, got {value!r}; fix data.init_args.{name}")
+        if source_arch is not None:
+            from lightning_modules.models import ARCHITECTURES  # lightning_modules imports datamodules: import late
+
+            if source_arch not in ARCHITECTURES:
+                raise ConfigError(f"unknown source_arch {source_arch!r}; choose one of {sorted(ARCHITECTURES)} or "
+                                  "null (any); fix data.init_args.source_arch")
         if isinstance(sources, str | Path):
             sources = [sources]
+        if not sources:
+            raise ConfigError(f"sources is empty: {recipe.name} generates the training set from source model "
+                              "checkpoint(s); fix data.init_args.sources: list them, e.g. "
+                              "[runs/mini/standard/checkpoints/last.ckpt]")
+        recipe.check_sources(len(sources))
         self.sources, self.recipe, self.cache_dir = [str(s) for s in sources], recipe, Path(cache_dir)
         self.generation_precision, self.generation_batch_size = generation_precision, generation_batch_size
         self.generation_seed, self.generation_channels_last = generation_seed, generation_channels_last
@@ -82,6 +104,12 @@ class ConstructedDataModule(CIFAR10DataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)  # real data, subset, validation split and test labels: once
         if self.constructed is None and stage in (None, "fit"):  # testing a trained model needs no generation
+            # The model's own data check (ClassifierModule.check_data) runs after this setup: run it on the clean
+            # set now, so a model that cannot take this data is refused before a possibly long generation.
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            check_data = getattr(module, "check_data", None)
+            if callable(check_data):
+                check_data(self, stage)
             self.clean_train = self.train
             self.constructed = self.generate()
             self.train = self.constructed.x, self.constructed.y

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from common.errors import ConfigError
 from datamodules.files import FileLock, remove_temporaries, write_bytes_atomic
 
 FORMAT = 1  # bump when the layout or the meaning of a key field changes
@@ -67,7 +68,7 @@ def read_json(path: Path) -> dict | None:
     try:
         obj = json.loads(path.read_text())
         if not isinstance(obj, dict):
-            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+            raise ConfigError(f"a JSON {type(obj).__name__}, not an object")
         return obj
     except (OSError, ValueError) as err:
         warnings.warn(f"{path} is unreadable ({err}); rebuilding it", CacheWarning, stacklevel=2)
@@ -111,7 +112,7 @@ class ShardStore:
             remove_temporaries(path)  # left by a killed writer; no one else writes them while we hold the lock
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:  # the engine checks every batch; this guards the file format itself
-            raise ValueError(f"refusing to write non-finite values (NaN/inf) in {bad} to {self.shard_path(i)}")
+            raise ConfigError(f"refusing to write non-finite values (NaN/inf) in {bad} to {self.shard_path(i)}")
         data = save_safetensors({k: v.contiguous() for k, v in tensors.items()})
         info = {**info, "file": self.shard_path(i).name, "sha256": hashlib.sha256(data).hexdigest(),
                 "bytes": len(data)}
