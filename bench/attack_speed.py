@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attacks.pgd import eval_mode, pgd
 from bench.common import CL, median, round_robin, spread
-from datamodules.cifar10 import MEAN, STD
+from common.datasets import CIFAR10_MEAN as MEAN
+from common.datasets import CIFAR10_STD as STD
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from datamodules.augment import random_crop_flip
 from datamodules.base import TensorBatches
 from datamodules.cifar10 import load_cifar10
-from datamodules.constructed.sources import load_source
 from datamodules.files import resolve_data_dir
-from lightning_modules.models import Classifier, build_model
+from models import Classifier, build_model, load_source
 
 CL = torch.channels_last
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")

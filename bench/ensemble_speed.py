@@ -30,7 +30,7 @@ from torch import nn  # noqa: E402
 
 from attacks.ensemble import BatchedEnsemble, LoopEnsemble, nakkiran_loss  # noqa: E402
 from bench.common import CL, median, round_robin, spread  # noqa: E402
-from lightning_modules.models import build_model  # noqa: E402
+from models import build_model  # noqa: E402
 
 BATCHED, LOOP = "batched (vmap)", "loop"
 

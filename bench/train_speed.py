@@ -24,12 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.common import CL, linear_schedule, median, spread
+from common.tensors import as_float_images
 from datamodules.augment import random_crop_flip
-from datamodules.base import TensorBatches, as_float_images
+from datamodules.base import TensorBatches
 from datamodules.real import CIFAR10DataModule
 from lightning_modules.adversarial import AdversarialModule
 from lightning_modules.classifier import ClassifierModule
-from lightning_modules.models import build_model
+from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"standard": ROOT / "configs/mini/standard.yaml", "adversarial_l2": ROOT / "configs/mini/adversarial_l2.yaml"}

@@ -11,26 +11,14 @@ from collections.abc import Callable, Iterator
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.errors import ConfigError
+from common.tensors import as_float_images, world_info
 from datamodules.augment import random_crop_flip
 from datamodules.files import resolve_data_dir
 
 Split = tuple[torch.Tensor, torch.Tensor]
-
-
-def as_float_images(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [0, 1]; float images (constructed datasets) pass through as float32."""
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
-
-def world_info() -> tuple[int, int]:
-    """(rank, world size) of the current process; (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:

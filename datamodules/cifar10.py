@@ -17,9 +17,6 @@ import torch
 from common.errors import ConfigError
 from datamodules.files import check_files, missing_dataset_error
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-MEAN = (0.4914, 0.4822, 0.4465)  # the robustness library's normalisation (spec section 0)
-STD = (0.2023, 0.1994, 0.2010)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 

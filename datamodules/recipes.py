@@ -30,7 +30,7 @@ from attacks import check_attack_args, pgd
 from attacks.ensemble import make_ensemble, nakkiran_loss
 from attacks.pgd import LossFn
 from common.errors import ConfigError
-from datamodules.base import as_float_images
+from common.tensors import as_float_images
 
 TARGET_RULES = ("random", "shift")
 

@@ -4,7 +4,5 @@ from lightning_modules.adversarial import AdversarialModule
 from lightning_modules.callbacks import RobustAccuracy
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.loggers import WandbLoggerWithFallback
-from lightning_modules.models import ARCHITECTURES, build_model
 
-__all__ = ["ARCHITECTURES", "AdversarialModule", "ClassifierModule", "RobustAccuracy", "WandbLoggerWithFallback",
-           "build_model"]
+__all__ = ["AdversarialModule", "ClassifierModule", "RobustAccuracy", "WandbLoggerWithFallback"]

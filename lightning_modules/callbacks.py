@@ -10,7 +10,6 @@ counts are summed, so the numbers equal a single-device run.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from rich.progress import track
 
 from attacks import eval_mode, point_key, robust_accuracy
-from datamodules.base import as_float_images, world_info
-from datamodules.files import write_bytes_atomic
-from lightning_modules.loggers import log_figure
+from common.figures import log_figure, pyplot, save_figure
+from common.files import write_bytes_atomic
+from common.tensors import as_float_images, rank_slice, summed_fractions
 
 Point = tuple[str, float]
 
@@ -75,8 +74,8 @@ class RobustAccuracy(pl.Callback):
         if limit is not None and limit < len(y):
             keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))[:limit].sort().values
             x, y = x[keep], y[keep]
-        rank, world = world_info()
-        return x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        x, y = rank_slice(x, y)
+        return x, y
 
     def _measure(self, trainer, pl_module, split: str, points: list[Point], limit, steps: int) -> dict[str, float]:
         x, y = self._examples(trainer, split, limit)
@@ -86,7 +85,8 @@ class RobustAccuracy(pl.Callback):
         acc = {}
         for point in track(points, description=f"{split} accuracy under attack", disable=not trainer.is_global_zero):
             acc.update(robust_accuracy(pl_module.model, as_float_images(x), y, [point], **options))
-        fractions = global_fractions(trainer, pl_module.device, [acc[point_key(*p)] * len(y) for p in points], len(y))
+        fractions = summed_fractions(trainer.strategy, [acc[point_key(*p)] * len(y) for p in points],
+                                     [len(y)] * len(points), pl_module.device)
         return {point_key(*p): f for p, f in zip(points, fractions, strict=True)}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -123,7 +123,7 @@ class RobustAccuracy(pl.Callback):
             with eval_mode(model), torch.enable_grad():  # test hooks run under no_grad
                 correct.append(sum(int((model(attack(xb, yb)).argmax(1) == yb).sum()) for xb, yb in
                                    zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)))
-        fractions = global_fractions(trainer, pl_module.device, correct, len(y))
+        fractions = summed_fractions(trainer.strategy, correct, [len(y)] * len(correct), pl_module.device)
         return dict(zip(self.autoattack_points, fractions, strict=True))
 
     def _report(self, trainer: pl.Trainer) -> None:
@@ -135,8 +135,7 @@ class RobustAccuracy(pl.Callback):
         rank_zero_info("accuracy under attack:\n" + "\n".join(
             f"  {r['norm']:>4} eps={r['eps']:.4f}  {100 * r['robust_acc']:6.2f}%" for r in rows))
         figure = accuracy_vs_eps_figure(rows)
-        figure.savefig(out / "robust_accuracy.tmp.png", dpi=100)
-        os.replace(out / "robust_accuracy.tmp.png", out / "robust_accuracy.png")
+        save_figure(figure, out / "robust_accuracy.png", dpi=100, close=False)  # log_figure closes it
         log_figure(trainer.loggers, "test/robust_accuracy", out / "robust_accuracy.png", figure=figure,
                    step=trainer.global_step)
         for logger in trainer.loggers:
@@ -147,14 +146,6 @@ class RobustAccuracy(pl.Callback):
                                  data=[list(r.values()) for r in rows])
 
 
-def global_fractions(trainer: pl.Trainer, device: torch.device, counts: list[float], n: int) -> list[float]:
-    """Per-rank correct counts over ``n`` local examples -> global fractions. The shards are disjoint and
-    unpadded, so summing counts and sizes over ranks gives exactly the single-device numbers."""
-    totals = torch.tensor([*counts, n], dtype=torch.float64, device=device)
-    totals = trainer.strategy.reduce(totals, reduce_op="sum")
-    return (totals[:-1] / totals[-1]).tolist()
-
-
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| norm | eps | robust acc |", "|---|---|---|"]
     lines += [f"| {r['norm']} | {r['eps']:.4f} | {100 * r['robust_acc']:.2f}% |" for r in rows]
@@ -162,11 +153,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def accuracy_vs_eps_figure(rows: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     norms = sorted({r["norm"] for r in rows})
     fig, axes = plt.subplots(1, len(norms), figsize=(4 * len(norms), 3.2), squeeze=False)
     for ax, norm in zip(axes[0], norms, strict=True):

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from common.datasets import CIFAR10_MEAN as CIFAR_MEAN
+from common.datasets import CIFAR10_STD as CIFAR_STD
 from common.errors import ConfigError, UserError
-from datamodules.base import as_float_images
-from datamodules.cifar10 import MEAN as CIFAR_MEAN
-from datamodules.cifar10 import STD as CIFAR_STD
-from lightning_modules.models import build_model
+from common.tensors import as_float_images
+from models import build_model
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "linear", "constant")

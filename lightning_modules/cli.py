@@ -2,7 +2,7 @@
 
 - ``--run_dir DIR`` sends everything a run writes (logs, config, checkpoints) to DIR.
 - Every ``--ckpt_path`` (local file or URL) is loaded with ``weights_only=True`` and checked before Lightning
-  uses it (:mod:`lightning_modules.checkpoints`); ``--weights_only false`` is refused.
+  uses it (:mod:`models.checkpoints`); ``--weights_only false`` is refused.
 - A mistake of the user (:class:`common.errors.UserError`, a bad option, a YAML syntax error) prints its cause and
   fix in a few lines, without a traceback, and exits with code 2; ``BOF_TRACEBACK=1`` shows the traceback.
   Option typos get a "did you mean".
@@ -27,12 +27,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from common.errors import USER_ERROR_EXIT_CODE, ConfigError, show_tracebacks, user_error_in
 from common.files import check_creatable_dir
-from lightning_modules.checkpoints import (
-    LIGHTNING_SPECIAL_PATHS,
-    check_class_path,
-    check_network,
-    read_checkpoint,
-)
+from models.checkpoints import LIGHTNING_SPECIAL_PATHS, check_class_path, check_network, read_checkpoint
 
 # Attacks run inside validate/test, and torch.inference_mode cannot be undone by enable_grad (spec 7).
 TRAINER_DEFAULTS = {"inference_mode": False}
@@ -180,6 +175,20 @@ class SuiteParser(LightningArgumentParser):
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
+def suite_module_classes() -> dict[str, type]:
+    """The class paths a checkpoint may name: the suite's LightningModules, under their exported and their
+    defining names (``lightning_modules.ClassifierModule`` and ``lightning_modules.classifier.ClassifierModule``)."""
+    import lightning_modules  # the package this module belongs to: imported by now, nothing runs
+
+    allowed = {}
+    for name in lightning_modules.__all__:
+        cls = getattr(lightning_modules, name)
+        if isinstance(cls, type) and issubclass(cls, LightningModule):
+            allowed[f"lightning_modules.{name}"] = cls
+            allowed[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return allowed
+
+
 class SuiteCLI(LightningCLI):
     """LightningCLI plus ``--run_dir`` and safe, checked ``--ckpt_path`` loading."""
 
@@ -217,7 +226,7 @@ class SuiteCLI(LightningCLI):
         if ckpt_path in LIGHTNING_SPECIAL_PATHS or ckpt_path.startswith("registry"):
             return  # Lightning finds its own checkpoint, and loads it with weights_only=True (set above)
         checkpoint = read_checkpoint(ckpt_path)
-        check_class_path(checkpoint, ckpt_path)
+        check_class_path(checkpoint, ckpt_path, suite_module_classes())
         model = config.get("model")
         init_args = getattr(model, "init_args", None)
         if init_args is not None:

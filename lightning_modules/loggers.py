@@ -6,10 +6,8 @@ from __future__ import annotations
 import netrc
 import os
 import socket
-from collections.abc import Sequence
-from typing import Any
 
-from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 
@@ -49,25 +47,3 @@ class WandbLoggerWithFallback(WandbLogger):
             os.environ["WANDB_MODE"] = "offline"  # belt and braces: wandb never prompts in offline mode
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(*args, offline=offline, **kwargs)
-
-
-def log_figure(loggers: Sequence[Logger], tag: str, png: str | os.PathLike, *, figure: Any = None,
-               step: int = 0) -> None:
-    """Send a figure to every TensorBoard and wandb logger among ``loggers`` (others have no images): TensorBoard
-    gets the matplotlib ``figure`` when given, else the pixels of ``png``, at ``step``; wandb gets the ``png``
-    file at its own current step (an explicit older step would be dropped by wandb). A given ``figure`` is closed
-    afterwards, whatever the loggers (pyplot keeps every open figure alive)."""
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            if figure is not None:
-                logger.experiment.add_figure(tag, figure, step, close=False)  # closed below, once
-            else:
-                import matplotlib.image
-
-                logger.experiment.add_image(tag, matplotlib.image.imread(png)[..., :3], step, dataformats="HWC")
-        elif isinstance(logger, WandbLogger):
-            logger.log_image(tag, [str(png)])
-    if figure is not None:
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)

@@ -31,9 +31,9 @@ from attacks import eval_mode, pgd, point_key, predict
 from attacks.evaluate import model_device
 from attacks.pgd import check_attack_args
 from common.errors import ConfigError
-from datamodules.base import as_float_images, world_info
-from datamodules.files import write_bytes_atomic
-from lightning_modules.loggers import log_figure
+from common.figures import log_figure, pyplot, save_figure
+from common.files import write_bytes_atomic
+from common.tensors import as_float_images, rank_slice, summed_fractions
 
 JSON_NAME, FIGURE_NAME = "squares.json", "squares.png"
 STEPS_PER_EPOCH_KEY = "squares_steps_per_epoch"  # stored in checkpoints by SquaresRobustness
@@ -230,9 +230,8 @@ class SquaresRobustness(pl.Callback):
 
     def _shard(self, split: tuple[Tensor, Tensor], limit: int | None, *extra: Tensor) -> list[Tensor]:
         """The first ``limit`` examples of ``split`` (and the aligned ``extra`` tensors), this rank's part."""
-        rank, world = world_info()
         n = len(split[1]) if limit is None else min(limit, len(split[1]))
-        return [t[:n].tensor_split(world)[rank] for t in (*split, *extra)]
+        return rank_slice(*(t[:n] for t in (*split, *extra)))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
@@ -281,9 +280,8 @@ class SquaresRobustness(pl.Callback):
 
         keys = list(counts)
         # Shards are disjoint and unpadded: summed counts and sizes equal a single-device run.
-        totals = torch.tensor([[counts[k], sizes[k]] for k in keys], dtype=torch.float64, device=device)
-        totals = trainer.strategy.reduce(totals, reduce_op="sum").tolist()
-        metrics = {k: (c / n if n else math.nan) for k, (c, n) in zip(keys, totals, strict=True)}
+        fractions = summed_fractions(trainer.strategy, [counts[k] for k in keys], [sizes[k] for k in keys], device)
+        metrics = dict(zip(keys, fractions, strict=True))
         # The radius statistics need no reduction: every rank computes them on all the attacked points (cheap).
         n_test = len(dm.test[1]) if self.test_examples is None else min(self.test_examples, len(dm.test[1]))
         radius = linear_radius(as_float_images(dm.test[0][:n_test]))
@@ -343,8 +341,7 @@ class SquaresRobustness(pl.Callback):
             f"linear classifier radius mean {r['mean']:.4f}, min {r['min']:.4f}; {self.results['seconds']} s -> {path}")
         # One figure of every run measured into this folder (e.g. the 1-epoch and the fully trained network).
         figure = squares_figure(load_runs([out]))
-        figure.savefig(out / "squares.tmp.png", dpi=100)
-        os.replace(out / "squares.tmp.png", out / FIGURE_NAME)
+        save_figure(figure, out / FIGURE_NAME, dpi=100, close=False)  # log_figure closes it
         log_figure(trainer.loggers, "test/squares", out / FIGURE_NAME, figure=figure, step=trainer.global_step)
 
 
@@ -375,11 +372,7 @@ def load_runs(paths: Sequence[str | os.PathLike]) -> list[dict]:
 def squares_figure(runs: Sequence[Mapping]):
     """Flip fraction against Linf eps for each run (contents of a ``squares.json``), with the linear classifier's
     (analytic, on the first run's test points) and its smallest radius marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not runs:
         raise ConfigError("squares_figure needs at least one run (the contents of a squares.json)")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from common.figures import pyplot, save_figure
 from pipeline.claims import PAPER_FIGURE3, Results
 
 # Ilyas Figure 2's training sets, and the paper's (clean, L2 0.25) accuracies in %.
@@ -16,22 +17,8 @@ FIGURE2 = {"standard": ("D", (95.3, 4.5)), "adversarial_l2": ("D adv.", (90.8, 8
            "d_rand": ("D_rand", (63.3, None)), "d_det": ("D_det", (43.7, None))}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    _pyplot().close(figure)
-    return path
+    return save_figure(figure, path, dpi=110, bbox_inches="tight")
 
 
 def figure2(results: Results, path: Path) -> Path | None:
@@ -41,7 +28,7 @@ def figure2(results: Results, path: Path) -> Path | None:
     bars = [b for b in bars if b[3] is not None]
     if not bars:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.3 * len(bars) + 2, 3.6))
     for i, (_, _, paper, acc, rob) in enumerate(bars):
         ax.bar(i - 0.2, 100 * acc, 0.4, color="tab:blue", label="clean" if i == 0 else None)
@@ -62,7 +49,7 @@ def accuracy_vs_eps(records: Mapping[str, dict | None], path: Path) -> Path | No
               if r and r.get("kind") == "train" and r["results"].get("test", {}).get("sweep")}
     if not sweeps:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     norms = sorted({row["norm"] for rows in sweeps.values() for row in rows})
     fig, axes = plt.subplots(1, len(norms), figsize=(5.5 * len(norms), 4), squeeze=False)
     colours = plt.get_cmap("tab20").colors  # more models than the default cycle's 10 colours
@@ -84,7 +71,7 @@ def figure3(results: Results, path: Path) -> Path | None:
     points = [p for p in results.points() if p.get("accuracy") is not None and p.get("transfer") is not None]
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, (x, y) in PAPER_FIGURE3.items():
         ax.scatter(x, y, color="lightgrey", edgecolor="grey", zorder=2)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import ConfigError
-from pipeline.runner import STAGE_JSON, read_json, write_json_atomic
+from common.files import read_json, write_json_atomic
+from pipeline.runner import STAGE_JSON
 
 # Nakkiran's attacks (SPEC 4.1): 10 steps, L2 eps 2.5 step 0.5, Linf eps 8/255 step 2/255.
 NAKKIRAN_ATTACKS = {"l2": {"eps": 2.5, "step_size": 0.5}, "linf": {"eps": 8 / 255, "step_size": 2 / 255}}
@@ -34,8 +35,8 @@ def cifar_test_subset(examples: int, seed: int, data_dir: str | None = None):
     """``examples`` real CIFAR-10 test images (float in [0, 1]) and labels, drawn with ``seed``, in index order."""
     import torch
 
+    from common.tensors import as_float_images
     from datamodules import CIFAR10DataModule
-    from datamodules.base import as_float_images
 
     dm = CIFAR10DataModule(data_dir=data_dir)
     dm.setup("test")
@@ -45,7 +46,7 @@ def cifar_test_subset(examples: int, seed: int, data_dir: str | None = None):
 
 
 def _model(path: str):
-    from datamodules.constructed.sources import load_source
+    from models import load_source
 
     return load_source(path).model.to(_device())
 
@@ -98,7 +99,7 @@ def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer:
     import torch
 
     from attacks import attack_success_rate, pgd, targeted_transfer_rate
-    from datamodules.constructed.sources import load_source
+    from models import load_source
 
     if isinstance(ddet, str) or isinstance(fresh, str):
         ddet, fresh = [ddet] if isinstance(ddet, str) else ddet, [fresh] if isinstance(fresh, str) else fresh

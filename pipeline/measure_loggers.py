@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import ConfigError
+from common.figures import log_figure
 
 DEFAULT_LOGGERS = [{"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"name": "csv"}},
                    {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"name": "tensorboard"}}]
@@ -70,8 +71,6 @@ def log_measurement(out: Path, name: str, metrics: Mapping[str, float], params: 
                     figures: Mapping[str, Path] = (), logger_configs: Sequence[str | Path] = ()) -> list:
     """Log ``metrics`` (at step 0), ``params`` (as hyperparameters) and ``figures`` (tag -> PNG) to the loggers;
     the loggers, finalised."""
-    from lightning_modules.loggers import log_figure
-
     loggers = build_loggers(logger_specs(logger_configs), out, name)
     for logger in loggers:
         logger.log_hyperparams(dict(params))

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common.files import read_json, write_json_atomic
 from pipeline import claims, figures
-from pipeline.runner import REPRODUCTION_JSON, STAGE_JSON, read_json, versions, write_json_atomic
+from pipeline.runner import REPRODUCTION_JSON, STAGE_JSON, versions
 from pipeline.stages import Stage, seed_of
 
 

@@ -14,7 +14,6 @@ one, so rerunning a stage (``--force``, a changed config, a lost stage.json) rer
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -31,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from common.errors import UserError
+from common.files import FileLock, read_json, write_json_atomic
 from pipeline import outputs
 from pipeline.preflight import command_error
 from pipeline.stages import REPO, Stage, commands, last_checkpoint, seed_of, stage_dir, stage_key
@@ -91,24 +91,6 @@ def exit_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Temporary name, then rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing or damaged: the stage counts as not finished
-    return obj if isinstance(obj, dict) else None
-
-
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -134,15 +116,14 @@ def versions() -> dict:
 @contextmanager
 def exclusive(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path``: two pipelines writing the same stages would corrupt each other."""
-    import fcntl
-
-    with open(path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise PipelineError(f"another reproduction is running in {path.parent} (it holds {path}); wait for it "
-                                "or use another --out") from err
+    lock = FileLock(path)
+    if not lock.acquire(blocking=False):
+        raise PipelineError(f"another reproduction is running in {path.parent} (it holds {path}); wait for it "
+                            "or use another --out")
+    try:
         yield
+    finally:
+        lock.release()
 
 
 @dataclass(frozen=True)

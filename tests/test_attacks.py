@@ -25,8 +25,9 @@ from attacks import (
     robust_accuracy,
     targeted_transfer_rate,
 )
-from datamodules.cifar10 import MEAN, STD
-from lightning_modules.models import Normalize
+from common.datasets import CIFAR10_MEAN as MEAN
+from common.datasets import CIFAR10_STD as STD
+from models.networks import Normalize
 
 # ------------------------------------------------------------------------------------------------ helpers
 

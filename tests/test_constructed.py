@@ -26,11 +26,11 @@ from datamodules import (
     UnsafeFileError,
     load_released,
 )
-from datamodules.constructed import example_generator, load_source
+from datamodules.constructed import example_generator
 from datamodules.constructed.store import tensor_sha256
 from datamodules.recipes import other_positions
 from lightning_modules import ClassifierModule
-from lightning_modules.models import build_model
+from models import build_model, load_source
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"arch": "fast_cnn", "num_classes": 10, "in_channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],

@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 from test_constructed import write_checkpoint
 
 from datamodules import RelabelByAttack
-from datamodules.constructed import ConstructedSet, Generation, construct, load_source
+from datamodules.constructed import ConstructedSet, Generation, construct
+from models import load_source
 
 N, BATCH = 25, 10  # batches of 10, 10 and a ragged 5 (one per shard)
 # The mini configs' numerics: a whitening stem and channels_last. On the AVX-512 development machine 1 and 2 threads

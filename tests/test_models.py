@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_modules.models import ARCHITECTURES, Normalize, build_model
+from models.networks import ARCHITECTURES, Normalize, PatchWhitening, build_model
 
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 128}
 
@@ -53,7 +53,6 @@ def test_fast_cnn_widths_configurable():
 def test_patch_whitening_whitens_the_patches_it_was_fitted_on(cifar):
     """Airbench's frozen stem: after fitting, the 2x2 patches of the training images come out decorrelated with
     unit variance (up to the eps regulariser), half of the channels being the negatives of the other half."""
-    from lightning_modules.models import PatchWhitening
 
     model = build_model("fast_cnn", whiten=True)
     layer = next(m for m in model.modules() if isinstance(m, PatchWhitening))
@@ -79,7 +78,6 @@ def test_patch_whitening_whitens_the_patches_it_was_fitted_on(cifar):
 def test_whiten_eps_sets_how_much_the_stem_amplifies_low_variance_directions(cifar):
     """Each whitened direction comes out with variance eigenvalue / (eigenvalue + eps): airbench's 5e-4 lifts the
     high-frequency directions to ~1, a large eps leaves them far below the dominant direction."""
-    from lightning_modules.models import PatchWhitening
 
     images = cifar[0][:2000].float() / 255
     spreads = {}

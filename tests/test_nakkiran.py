@@ -24,7 +24,7 @@ from attacks import (
 from datamodules import ConstructedDataModule, NonTransferableAttack, RelabelByAttack
 from datamodules.constructed import example_generator
 from datamodules.recipes import Batch
-from lightning_modules.models import build_model
+from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"arch": "fast_cnn", "num_classes": 10, "in_channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],

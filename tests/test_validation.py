@@ -28,7 +28,7 @@ from datamodules import (
     SquaresDataModule,
 )
 from lightning_modules import AdversarialModule, ClassifierModule
-from lightning_modules.models import ARCHITECTURES, build_model
+from models import ARCHITECTURES, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"arch": "fast_cnn", "arch_kwargs": {"widths": [8, 16, 32]}}
@@ -50,7 +50,7 @@ def trainer(root: Path) -> pl.Trainer:
 
 
 def test_arch_kwargs_the_architecture_does_not_take_are_refused_naming_arch_keys_and_accepted_keys():
-    from lightning_modules.models import arch_kwargs_of
+    from models import arch_kwargs_of
 
     # resnet18 used to swallow them (`lambda c, **kw`): a config asking for whitening got a plain ResNet.
     with pytest.raises(ConfigError) as err:

@@ -11,7 +11,6 @@ from datamodules.constructed.engine import (
     construct,
     example_generator,
 )
-from datamodules.constructed.sources import Source, load_source
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key
 
 __all__ = [
@@ -22,10 +21,8 @@ __all__ = [
     "Generation",
     "GenerationError",
     "ShardStore",
-    "Source",
     "cache_key",
     "construct",
     "example_generator",
     "example_grid",
-    "load_source",
 ]

@@ -3,20 +3,19 @@ real CIFAR-10, a training set generated from source checkpoint(s) by a recipe, t
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from common.datasets import CIFAR10_CLASSES as CLASSES
 from common.errors import ConfigError
-from datamodules.base import as_float_images, world_info
-from datamodules.cifar10 import CLASSES
+from common.figures import log_figure, pyplot, save_figure
+from common.tensors import as_float_images, world_info
 from datamodules.constructed.engine import PRECISIONS, ConstructedSet, Generation, construct
-from datamodules.constructed.sources import load_source
-from datamodules.files import write_bytes_atomic
 from datamodules.real import CIFAR10DataModule
 from datamodules.recipes import Recipe
+from models import ARCHITECTURES, load_source
 
 GRID = "examples.png"
 
@@ -79,12 +78,9 @@ class ConstructedDataModule(CIFAR10DataModule):
             if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
                 kind = f"an int >= {low}" if low is not None else "an int"
                 raise ConfigError(f"{name} must be {kind}, got {value!r}; fix data.init_args.{name}")
-        if source_arch is not None:
-            from lightning_modules.models import ARCHITECTURES  # lightning_modules imports datamodules: import late
-
-            if source_arch not in ARCHITECTURES:
-                raise ConfigError(f"unknown source_arch {source_arch!r}; choose one of {sorted(ARCHITECTURES)} or "
-                                  "null (any); fix data.init_args.source_arch")
+        if source_arch is not None and source_arch not in ARCHITECTURES:
+            raise ConfigError(f"unknown source_arch {source_arch!r}; choose one of {sorted(ARCHITECTURES)} or "
+                              "null (any); fix data.init_args.source_arch")
         if isinstance(sources, str | Path):
             sources = [sources]
         if not sources:
@@ -148,15 +144,11 @@ class ConstructedDataModule(CIFAR10DataModule):
         )
         if world_info()[0] != 0:
             return
-        from lightning_modules.loggers import log_figure  # lightning_modules imports datamodules: import late
-
         grid = self.constructed.directory / GRID
         figure = example_grid(*self.clean_train, self.constructed.x, self.constructed.y, self.grid_examples,
                               title=f"{self.recipe.name} {self.recipe.config()}")
         if not grid.exists():  # several jobs may share the cache: write under a unique temporary name
-            png = io.BytesIO()
-            figure.savefig(png, dpi=100, format="png")
-            write_bytes_atomic(grid, png.getvalue())
+            save_figure(figure, grid, dpi=100, close=False)
         loggers = self.trainer.loggers if self.trainer is not None else []
         for logger in loggers:
             logger.log_metrics(metrics, step=0)
@@ -166,11 +158,7 @@ class ConstructedDataModule(CIFAR10DataModule):
 def example_grid(clean_x: torch.Tensor, clean_y: torch.Tensor, new_x: torch.Tensor, new_y: torch.Tensor,
                  n: int = 8, title: str = ""):
     """A matplotlib figure: the first ``n`` originals (true labels) above their constructed versions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = min(n, len(new_y))
     fig, axes = plt.subplots(2, n, figsize=(1.2 * n + 0.4, 3.0), squeeze=False)
     for row, (x, y, tag) in enumerate(((clean_x, clean_y, "original"), (new_x, new_y, "constructed"))):

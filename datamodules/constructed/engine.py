@@ -31,11 +31,11 @@ import torch.distributed as dist
 from rich.progress import Progress
 
 from common.errors import ConfigError, UserError
-from datamodules.base import as_float_images, world_info
-from datamodules.constructed.sources import Source
+from common.files import check_output_dir
+from common.tensors import as_float_images, world_info
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
-from datamodules.files import check_output_dir
 from datamodules.recipes import Batch, Recipe, RecipeOutput
+from models import Source
 
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SPACE_MARGIN = 1.05, 64 << 20  # free space asked for beyond the estimate: 5% plus 64 MiB (logs, other writers)

@@ -32,8 +32,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+import common.files as common_files
 from common.errors import ConfigError
-from datamodules.files import FileLock, remove_temporaries, write_bytes_atomic
+from common.files import FileLock, remove_temporaries, write_bytes_atomic, write_json_atomic
 
 FORMAT = 1  # bump when the layout or the meaning of a key field changes
 MANIFEST = "manifest.json"
@@ -57,22 +58,10 @@ def tensor_sha256(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
 def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``; None if missing, with a CacheWarning if unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text())
-        if not isinstance(obj, dict):
-            raise ConfigError(f"a JSON {type(obj).__name__}, not an object")
-        return obj
-    except (OSError, ValueError) as err:
-        warnings.warn(f"{path} is unreadable ({err}); rebuilding it", CacheWarning, stacklevel=2)
-        return None
+    """The JSON object in ``path``; None if missing, with a CacheWarning if unreadable (it is rebuilt)."""
+    return common_files.read_json(path, on_damage=lambda p, err: warnings.warn(
+        f"{p} is unreadable ({err}); rebuilding it", CacheWarning, stacklevel=3))
 
 
 class ShardStore:

@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from common.datasets import CIFAR10_MEAN as CIFAR_MEAN
+from common.datasets import CIFAR10_STD as CIFAR_STD
 from common.errors import ConfigError
-from datamodules.cifar10 import MEAN as CIFAR_MEAN
-from datamodules.cifar10 import STD as CIFAR_STD
 
 
 class Normalize(nn.Module):

@@ -1,10 +1,11 @@
 """Reading Lightning checkpoints of the suite without running anything they contain.
 
-A checkpoint is a pickle, and unpickling can run code. Every checkpoint the command line is given is read here
-with ``weights_only=True`` (tensors and plain containers only), from a local path or a URL, and checked before
-Lightning sees it: that it is a checkpoint at all, that the LightningModule class it names is one of the suite's
-(LightningCLI would import whatever ``hyper_parameters["_class_path"]`` names), and that it holds the network
-the config describes (LightningCLI would otherwise swap in the checkpoint's model without a word).
+A checkpoint is a pickle, and unpickling can run code. Every checkpoint is read here with ``weights_only=True``
+(tensors and plain containers only), from a local path or a URL (:func:`read_checkpoint`), and checked: that it
+is a checkpoint at all, that the LightningModule class it names is an allowed one (LightningCLI would import
+whatever ``hyper_parameters["_class_path"]`` names), and that it holds the network the config describes
+(LightningCLI would otherwise swap in the checkpoint's model without a word). :func:`load_source` rebuilds the
+network of a checkpoint for attacks and dataset generation.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from common.errors import ConfigError
+from common.files import file_hash
+from models.networks import build_model
 
 # What a checkpoint's hyperparameters must agree on with the config: these build the network. The rest
 # (optimiser, schedule, attack settings) only say how it was trained and may differ.
@@ -30,24 +35,12 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: unreadable, unsafe, of a class not in the suite, or of another network."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the path given."""
+
+
 def is_url(path: str) -> bool:
     return "://" in path
-
-
-def suite_module_classes() -> dict[str, type]:
-    """The class paths a checkpoint may name: the suite's LightningModules, under their exported and their
-    defining names (``lightning_modules.ClassifierModule`` and ``lightning_modules.classifier.ClassifierModule``)."""
-    import pytorch_lightning as pl
-
-    import lightning_modules
-
-    allowed = {}
-    for name in lightning_modules.__all__:
-        cls = getattr(lightning_modules, name)
-        if isinstance(cls, type) and issubclass(cls, pl.LightningModule):
-            allowed[f"lightning_modules.{name}"] = cls
-            allowed[f"{cls.__module__}.{cls.__qualname__}"] = cls
-    return allowed
 
 
 def read_checkpoint(path: str) -> dict:
@@ -65,8 +58,9 @@ def read_checkpoint(path: str) -> dict:
         else:
             local = Path(path)
             if not local.exists():
-                raise CheckpointError(f"checkpoint {path} not found (resolved: {local.resolve()}). Check --ckpt_path; "
-                                      "a fit writes its checkpoints to RUN_DIR/checkpoints (last.ckpt)")
+                raise CheckpointNotFoundError(f"checkpoint {path} not found (resolved: {local.resolve()}). Check "
+                                              "--ckpt_path; a fit writes its checkpoints to RUN_DIR/checkpoints "
+                                              "(last.ckpt)")
             if not local.is_file():
                 raise CheckpointError(f"checkpoint {path} is not a file. Pass a .ckpt file such as "
                                       f"{local / 'checkpoints' / 'last.ckpt'}")
@@ -94,14 +88,13 @@ def read_checkpoint(path: str) -> dict:
     return dict(checkpoint)
 
 
-def check_class_path(checkpoint: Mapping, path: str) -> str | None:
-    """The LightningModule class path the checkpoint names (None if it names none). Refuses any class that is
-    not one of the suite's: LightningCLI would import its module, and importing runs code."""
+def check_class_path(checkpoint: Mapping, path: str, allowed: Mapping[str, type]) -> str | None:
+    """The LightningModule class path the checkpoint names (None if it names none). Refuses any class not in
+    ``allowed`` (class path -> class): LightningCLI would import its module, and importing runs code."""
     hparams = checkpoint.get("hyper_parameters") or {}
     class_path = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
     if class_path is None:
         return None
-    allowed = suite_module_classes()
     if class_path not in allowed:
         raise CheckpointError(
             f"refusing checkpoint {path}: its hyper_parameters name the class {class_path!r}, which is not one of "
@@ -153,3 +146,56 @@ def _plain(value: Any) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+# ------------------------------------------------------------------ source models for attacks and generation
+
+MODEL_PREFIX = "model."  # ClassifierModule keeps its network in ``self.model``
+BUILD_KEYS = ("arch", "num_classes", "in_channels", "mean", "std", "arch_kwargs")
+
+
+@dataclass
+class Source:
+    """A source model ready for generation (eval mode, no parameter gradients)."""
+
+    path: str
+    sha256: str
+    hparams: dict  # the network's build arguments, from the checkpoint
+    model: nn.Module
+
+    def describe(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, **self.hparams}
+
+
+def load_source(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+                in_channels: int | None = None) -> Source:
+    """Rebuild the network of a Lightning checkpoint; ``arch`` / ``num_classes`` / ``in_channels`` are
+    checked against the checkpoint when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"source checkpoint {path} not found (resolved: {path.resolve()}). Train the source model first "
+            "(e.g. `python train.py fit --config configs/mini/standard.yaml`) and point `sources` at its "
+            "last.ckpt."
+        )
+    checkpoint = read_checkpoint(str(path))
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "arch" not in hparams:
+        raise ConfigError(f"{path} is not a ClassifierModule/AdversarialModule checkpoint: it needs "
+                         "'hyper_parameters' with 'arch' and a 'state_dict' (robustness-library checkpoints "
+                         "must be converted first)")
+    build = {k: hparams[k] for k in BUILD_KEYS if hparams.get(k) is not None}
+    expected = {"arch": arch, "num_classes": num_classes, "in_channels": in_channels}
+    for key, want in expected.items():
+        have = build.get(key, {"num_classes": 10, "in_channels": 3}.get(key))  # build_model's defaults
+        if want is not None and have != want:
+            raise ConfigError(f"source checkpoint {path} has {key}={have!r}, but the config expects {want!r}")
+    model = build_model(**{k: v for k, v in build.items() if k != "arch_kwargs"}, **build.get("arch_kwargs", {}))
+    weights = {k[len(MODEL_PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ConfigError(f"the weights in {path} do not fit the network its hyperparameters describe "
+                         f"({build}); was it trained with another version of models/networks.py?\n{err}") from err
+    model.eval().requires_grad_(False)  # attacks need input gradients only
+    return Source(str(path), file_hash(path, "sha256"), build, model)

@@ -1,0 +1,6 @@
+"""Constants of the datasets, shared by the data (loaders), the networks (normalisation) and the report."""
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# The robustness library's normalisation (spec section 0), a layer of every CIFAR-10 model.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
