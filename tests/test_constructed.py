@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import N, Synthetic, save_released, write_checkpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from datamodules import (
@@ -30,33 +31,9 @@ from datamodules.constructed import example_generator
 from datamodules.constructed.store import tensor_sha256
 from datamodules.recipes import other_positions
 from lightning_modules import ClassifierModule
-from models import build_model, load_source
+from models import load_source
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"arch": "fast_cnn", "num_classes": 10, "in_channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-        "arch_kwargs": {"widths": [8, 16, 32]}}
-N = 64  # synthetic training images
-
-
-def write_checkpoint(path: Path, seed: int = 0, nan: bool = False, **hparams) -> Path:
-    """A checkpoint as Lightning writes it for ClassifierModule (hyperparameters + ``model.``-prefixed weights)."""
-    hp = {**TINY, **hparams}
-    torch.manual_seed(seed)
-    model = build_model(hp["arch"], hp["num_classes"], hp["in_channels"], hp["mean"], hp["std"], **hp["arch_kwargs"])
-    if nan:
-        model.head.bias.data[3] = float("nan")
-    torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
-    return path
-
-
-class Synthetic(ConstructedDataModule):
-    """64 random 16x16 training images (and 20 test images): unit-test data only."""
-
-    def load(self):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 256, (N + 20, 3, 16, 16), dtype=torch.uint8, generator=gen)
-        y = torch.arange(N + 20) % 10
-        return x[:N], y[:N], x[N:], y[N:]
 
 
 class Counting(RelabelByAttack):
@@ -288,16 +265,6 @@ def test_test_label_shift_shifts_test_labels_only(ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- released
-
-
-def save_released(folder: Path, n_parts: int = 3, legacy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Files as the authors released them: torch.save'd lists of tensors (``legacy``: pre-1.6 torch format)."""
-    folder.mkdir(parents=True)
-    x = torch.rand(12, 3, 32, 32)
-    y = torch.arange(12) % 10
-    torch.save(list(x.chunk(n_parts)), folder / "CIFAR_ims", _use_new_zipfile_serialization=not legacy)
-    torch.save(list(y.chunk(n_parts)), folder / "CIFAR_lab", _use_new_zipfile_serialization=not legacy)
-    return x, y
 
 
 def test_released_dataset_loads_as_concatenated_lists_and_trains_against_the_real_test_set(tmp_path, data_dir):

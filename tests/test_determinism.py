@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_constructed import write_checkpoint
+from helpers import write_checkpoint
 
 from datamodules import RelabelByAttack
 from datamodules.constructed import ConstructedSet, Generation, construct

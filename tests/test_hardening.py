@@ -27,8 +27,8 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import save_released, write_checkpoint
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_constructed import save_released, write_checkpoint
 
 import datamodules.constructed.store as store_module
 from attacks import robust_accuracy

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_tiny  # tests/ is on sys.path under pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_nakkiran import train_tiny  # tests/ is on sys.path under pytest
 
 from pipeline import measure
 from pipeline.runner import STAGE_JSON

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import train_tiny
 from torch import nn
 
 from attacks import (
@@ -180,21 +181,6 @@ def test_nakkiran_loss_under_autocast_and_channels_last(batched):
 
 
 # ------------------------------------------------------------------------------------ the attack, real data
-
-
-def train_tiny(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> nn.Module:
-    """A small fast CNN trained briefly on real CIFAR-10 (plain loop: seconds)."""
-    torch.manual_seed(seed)
-    model = build_model("fast_cnn", widths=(8, 16, 32))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(100):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

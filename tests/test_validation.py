@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_constructed import Synthetic, write_checkpoint
+from helpers import Synthetic, write_checkpoint
 
 from attacks import AttackConfig
 from common.errors import ConfigError

@@ -1,0 +1,64 @@
+"""Helpers shared by the test files (tests/ is on sys.path under pytest): small checkpoints, synthetic
+constructed data, released-dataset files, and small real-data networks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules import ConstructedDataModule
+from models import build_model
+
+# The hyperparameters of a tiny ClassifierModule network (fast CNN 8/16/32).
+TINY = {"arch": "fast_cnn", "num_classes": 10, "in_channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+        "arch_kwargs": {"widths": [8, 16, 32]}}
+N = 64  # synthetic training images
+
+
+def write_checkpoint(path: Path, seed: int = 0, nan: bool = False, **hparams) -> Path:
+    """A checkpoint as Lightning writes it for ClassifierModule (hyperparameters + ``model.``-prefixed weights)."""
+    hp = {**TINY, **hparams}
+    torch.manual_seed(seed)
+    model = build_model(hp["arch"], hp["num_classes"], hp["in_channels"], hp["mean"], hp["std"], **hp["arch_kwargs"])
+    if nan:
+        model.head.bias.data[3] = float("nan")
+    torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+class Synthetic(ConstructedDataModule):
+    """64 random 16x16 training images (and 20 test images): unit-test data only."""
+
+    def load(self):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (N + 20, 3, 16, 16), dtype=torch.uint8, generator=gen)
+        y = torch.arange(N + 20) % 10
+        return x[:N], y[:N], x[N:], y[N:]
+
+
+def save_released(folder: Path, n_parts: int = 3, legacy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Files as the authors released them: torch.save'd lists of tensors (``legacy``: pre-1.6 torch format)."""
+    folder.mkdir(parents=True)
+    x = torch.rand(12, 3, 32, 32)
+    y = torch.arange(12) % 10
+    torch.save(list(x.chunk(n_parts)), folder / "CIFAR_ims", _use_new_zipfile_serialization=not legacy)
+    torch.save(list(y.chunk(n_parts)), folder / "CIFAR_lab", _use_new_zipfile_serialization=not legacy)
+    return x, y
+
+
+def train_tiny(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> nn.Module:
+    """A small fast CNN trained briefly on real CIFAR-10 (plain loop: seconds)."""
+    torch.manual_seed(seed)
+    model = build_model("fast_cnn", widths=(8, 16, 32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(100):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval().requires_grad_(False)
