@@ -1,5 +1,5 @@
-"""Adversarial attacks: one PGD engine (L2 / Linf, targeted or not, custom losses), its evaluation, and model
-ensembles with Nakkiran's non-transferable loss."""
+"""Adversarial attacks: one PGD engine (L2 / Linf, targeted or not, custom losses), its evaluation, model
+ensembles with Nakkiran's non-transferable loss, and the flip measurement on the adversarial-squares data."""
 
 from attacks.ensemble import (
     BatchedEnsemble,
@@ -27,6 +27,7 @@ from attacks.pgd import (
     pgd,
     random_delta,
 )
+from attacks.squares import PixelMeanClassifier, attack_squares, flipped_by_attack, linear_radius
 
 __all__ = [
     "NORMS",
@@ -34,12 +35,16 @@ __all__ = [
     "BatchedEnsemble",
     "Ensemble",
     "LoopEnsemble",
+    "PixelMeanClassifier",
     "architecture_mismatch",
+    "attack_squares",
     "attack_success_rate",
     "check_attack_args",
     "cross_entropy_loss",
     "eval_mode",
     "fgsm_rs",
+    "flipped_by_attack",
+    "linear_radius",
     "make_ensemble",
     "nakkiran_loss",
     "pgd",

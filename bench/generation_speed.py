@@ -1,5 +1,5 @@
 """Section 6: throughput of dataset generation through the suite's own engine (``generate_shard`` of
-datamodules/constructed/engine.py, with the recipes of datamodules/recipes.py), in one process using all
+datamodules/constructed/engine.py, with the recipes of datamodules/constructed/recipes.py), in one process using all
 threads against two single-thread processes that each generate their own shards, as two DDP ranks do
 (shard i belongs to rank i % 2).
 
@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from bench.common import CL, median, round_robin, spread
-from datamodules.constructed.engine import Generation, generate_shard, shard_ranges
-from datamodules.recipes import Recipe, RelabelByAttack, RepresentationInversion
+from datamodules.constructed.engine import GenerationJob, GenerationSpec, generate_shard, shard_ranges
+from datamodules.constructed.recipes import Recipe, RelabelByAttack, RepresentationInversion
 
 ONE, TWO = "1 process", "2 processes"
 WORLD = 2
@@ -38,15 +38,16 @@ def recipes(steps: int = 10) -> dict[str, Recipe]:
             "D_R / D_NR": RepresentationInversion(step_size=0.25, steps=steps)}
 
 
-def generation(x: Tensor, y: Tensor, recipe: Recipe, batch_size: int) -> Generation:
+def generation(x: Tensor, y: Tensor, recipe: Recipe, batch_size: int) -> GenerationJob:
     """The engine's description of the job: one batch per shard, seed 0, fp32, channels_last, no progress bar.
     ``generate_shard`` is given the models directly, so no source checkpoint is needed."""
-    return Generation(x, y, torch.arange(len(y)), sources=[], recipe=recipe, seed=0, precision="32-true",
-                      batch_size=batch_size, shard_size=batch_size, channels_last=True, progress=False)
+    spec = GenerationSpec(precision="32-true", batch_size=batch_size, seed=0, channels_last=True,
+                          shard_size=batch_size)
+    return GenerationJob(x, y, torch.arange(len(y)), sources=[], recipe=recipe, spec=spec, progress=False)
 
 
-def run_shards(gen: Generation, model: nn.Module, shards: list[range], which: list[int]) -> Shards:
-    return {i: generate_shard(gen, [model], shards[i])[0] for i in which}
+def run_shards(job: GenerationJob, model: nn.Module, shards: list[range], which: list[int]) -> Shards:
+    return {i: generate_shard(job, [model], shards[i])[0] for i in which}
 
 
 def joined(outputs: Shards, key: str) -> Tensor:
@@ -63,7 +64,7 @@ def _worker(rank: int, model: nn.Module, x: Tensor, y: Tensor, jobs: list[Recipe
     try:
         torch.set_num_threads(1)  # two ranks on two cores: one thread each (more oversubscribes the cores)
         model = model.to(memory_format=CL)  # as generate_missing prepares the models
-        gens = [generation(x, y, recipe, batch_size) for recipe in jobs]
+        generation_jobs = [generation(x, y, recipe, batch_size) for recipe in jobs]
         shards = shard_ranges(len(y), batch_size)
         mine = list(range(rank, len(shards), WORLD))  # the engine's split: shard i belongs to rank i % world
         last: Shards = {}
@@ -73,7 +74,7 @@ def _worker(rank: int, model: nn.Module, x: Tensor, y: Tensor, jobs: list[Recipe
                 results.put((rank, last))
                 continue
             barrier.wait()
-            last = run_shards(gens[i], model, shards, mine[:1] if kind == "warmup" else mine)
+            last = run_shards(generation_jobs[i], model, shards, mine[:1] if kind == "warmup" else mine)
             barrier.wait()
     except BaseException:
         barrier.abort()  # release the others instead of leaving them waiting for the timeout
@@ -141,18 +142,18 @@ class TwoProcesses:
 # ----------------------------------------------------------------------------------------------- section
 
 
-def one_process(gen: Generation, model: nn.Module, shards: list[range], keep: Shards) -> Callable[[], None]:
+def one_process(job: GenerationJob, model: nn.Module, shards: list[range], keep: Shards) -> Callable[[], None]:
     """All shards in this process (all its threads); the output is kept in ``keep``."""
-    return lambda: keep.update(run_shards(gen, model, shards, list(range(len(shards)))))
+    return lambda: keep.update(run_shards(job, model, shards, list(range(len(shards)))))
 
 
-def single_thread(gen: Generation, model: nn.Module, shards: list[range]) -> Shards:
+def single_thread(job: GenerationJob, model: nn.Module, shards: list[range]) -> Shards:
     """All shards in this process on one thread: the 2-process ranks' numerics (same kernels, same reduction
     order), so their union must equal it bitwise; the 2-thread run may differ in the last bits."""
     previous, out = torch.get_num_threads(), {}
     torch.set_num_threads(1)
     try:
-        one_process(gen, model, shards, out)()
+        one_process(job, model, shards, out)()
     finally:
         torch.set_num_threads(previous)
     return out
@@ -188,13 +189,13 @@ def generation_section(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, 
     results = {}
     with TwoProcesses(model, x, y, list(measured.values()), batch_size) as pool:
         for i, (name, recipe) in enumerate(measured.items()):
-            gen, one_out = generation(x, y, recipe, batch_size), {}
-            runs = {ONE: one_process(gen, model, shards, one_out), TWO: functools.partial(pool.run, i)}
-            warmups = {ONE: functools.partial(run_shards, gen, model, shards, [0]),
+            job, one_out = generation(x, y, recipe, batch_size), {}
+            runs = {ONE: one_process(job, model, shards, one_out), TWO: functools.partial(pool.run, i)}
+            warmups = {ONE: functools.partial(run_shards, job, model, shards, [0]),
                        TWO: functools.partial(pool.run, i, "warmup")}
             times = round_robin(runs, reps, warmups)
             results[name] = summary(recipe, len(y), times, one_out, pool.outputs(i),
-                                    single_thread(gen, model, shards))
+                                    single_thread(job, model, shards))
             r = results[name]
             print(f"[generation] {name}: 1 process {r[ONE]['image_steps_per_s']:.1f}, 2 processes "
                   f"{r[TWO]['image_steps_per_s']:.1f} image-steps/s ({r['ratio']:.2f}x), identical to 1 process "

@@ -365,7 +365,7 @@ def _generation(r: dict) -> list[str]:
     return ["## 6. Dataset generation throughput: 1 process vs 2 processes", "",
             "Through the suite's engine: `generate_shard` of `datamodules/constructed/engine.py` (per-example "
             "generators seeded from (seed, index), the recipe, the NaN guard, the copies to the CPU) with the "
-            "recipes of `datamodules/recipes.py`, on the first "
+            "recipes of `datamodules/constructed/recipes.py`, on the first "
             f"{any_run['images']} real CIFAR-10 training images, {any_run['recipe']['steps']} steps per image for both "
             "recipes (the mini configs: 10 for D_rand / D_det, 20 for D_NR, 100 for D_R; the cost per image-step "
             f"changes little with it: two extra forwards per image), generation batch {g['batch']} and shards of "

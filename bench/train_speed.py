@@ -33,14 +33,17 @@ from lightning_modules.classifier import ClassifierModule
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"standard": ROOT / "configs/mini/standard.yaml", "adversarial_l2": ROOT / "configs/mini/adversarial_l2.yaml"}
+MINI = ROOT / "configs" / "mini"
 MODULES = {"standard": ClassifierModule, "adversarial_l2": AdversarialModule}
 
 
 def read_config(name: str) -> tuple[dict, int]:
-    """(model init_args, training batch size) of a mini config."""
-    config = yaml.safe_load(CONFIGS[name].read_text())
-    return dict(config["model"]["init_args"]), int(config["data"]["init_args"]["batch_size"])
+    """(model init_args, training batch size) of a mini experiment: its file's values over the scale's base.yaml
+    (as LightningCLI stacks them; the model's class is in MODULES)."""
+    base, experiment = (yaml.safe_load((MINI / f"{n}.yaml").read_text()) or {} for n in ("base", name))
+    model = {**base["model"]["init_args"], **experiment.get("model", {}).get("init_args", {})}
+    data = {**base["data"]["init_args"], **experiment.get("data", {}).get("init_args", {})}
+    return model, int(data["batch_size"])
 
 
 @contextlib.contextmanager
@@ -167,7 +170,7 @@ def training_section(data_dir: str | None, runs: list[str], batch_size: int | No
             for kind in order:
                 run = lightning_run if kind == "lightning" else plain_run
                 timings[kind].append(run(name, datamodule, bs, warmup, batches))
-        entry = {"config": str(CONFIGS[name].relative_to(ROOT)), "batch_size": bs, "warmup_batches": warmup,
+        entry = {"config": str((MINI / f"{name}.yaml").relative_to(ROOT)), "batch_size": bs, "warmup_batches": warmup,
                  "timed_batches": batches}
         for kind, reps_ in timings.items():
             seconds = [r["seconds"] for r in reps_]

@@ -29,6 +29,20 @@ def rank_slice(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.tensor_split(world)[rank] for t in tensors]
 
 
+def rank_subset(*tensors: torch.Tensor, limit: int | None = None, seed: int | None = None) -> list[torch.Tensor]:
+    """This rank's part (:func:`rank_slice`) of ``limit`` aligned examples of ``tensors``: the first ``limit``,
+    or with ``seed`` a seeded random choice of ``limit`` kept in their original order; all of them when ``limit``
+    is None or not below their number. Every rank chooses the same examples, so the parts stay disjoint."""
+    n = len(tensors[0])
+    if limit is not None and limit < n:
+        if seed is None:
+            tensors = tuple(t[:limit] for t in tensors)
+        else:
+            keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+            tensors = tuple(t[keep] for t in tensors)
+    return rank_slice(*tensors)
+
+
 def summed_fractions(strategy: Any, counts: Sequence[float], sizes: Sequence[int],
                      device: torch.device | str = "cpu") -> list[float]:
     """``sum(counts[i]) / sum(sizes[i])`` over the ranks of ``strategy`` (a Lightning strategy: its ``reduce``

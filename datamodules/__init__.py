@@ -2,9 +2,9 @@
 
 from datamodules.base import InMemoryDataModule, balanced_subset
 from datamodules.constructed import CacheWarning, ConstructedDataModule, GenerationError
+from datamodules.constructed.recipes import NonTransferableAttack, Recipe, RelabelByAttack, RepresentationInversion
 from datamodules.files import DATA_DIR_ENV, DatasetFilesError, resolve_data_dir
 from datamodules.real import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
-from datamodules.recipes import NonTransferableAttack, Recipe, RelabelByAttack, RepresentationInversion
 from datamodules.released import ReleasedDataModule, UnsafeFileError, load_released
 from datamodules.squares import SquaresDataModule, make_squares
 

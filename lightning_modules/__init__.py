@@ -1,8 +1,10 @@
-"""Models and the LightningModules that train them, plus the callbacks and loggers they use."""
+"""The LightningModules that train the networks, plus the callbacks and loggers they use."""
 
 from lightning_modules.adversarial import AdversarialModule
-from lightning_modules.callbacks import RobustAccuracy
+from lightning_modules.callbacks import RecalibrateBatchNorm, RobustAccuracy
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.loggers import WandbLoggerWithFallback
+from lightning_modules.squares import SquaresRobustness
 
-__all__ = ["AdversarialModule", "ClassifierModule", "RobustAccuracy", "WandbLoggerWithFallback"]
+__all__ = ["AdversarialModule", "ClassifierModule", "RecalibrateBatchNorm", "RobustAccuracy", "SquaresRobustness",
+           "WandbLoggerWithFallback"]

@@ -1,6 +1,8 @@
 """The suite's LightningCLI: ``--run_dir``, safe checkpoint loading, and errors a person can read.
 
-- ``--run_dir DIR`` sends everything a run writes (logs, config, checkpoints) to DIR.
+- ``--run_dir DIR`` sends everything a run writes (logs, config, checkpoints) to DIR; without it, a run of
+  ``--config configs/<scale>/base.yaml --config configs/<scale>/<experiment>.yaml`` writes to
+  ``runs/<scale>/<experiment>`` (:func:`default_run_dir`), so configs hold no run paths.
 - Every ``--ckpt_path`` (local file or URL) is loaded with ``weights_only=True`` and checked before Lightning
   uses it (:mod:`models.checkpoints`); ``--weights_only false`` is refused.
 - A mistake of the user (:class:`common.errors.UserError`, a bad option, a YAML syntax error) prints its cause and
@@ -32,6 +34,7 @@ from models.checkpoints import LIGHTNING_SPECIAL_PATHS, check_class_path, check_
 # Attacks run inside validate/test, and torch.inference_mode cannot be undone by enable_grad (spec 7).
 TRAINER_DEFAULTS = {"inference_mode": False}
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+BASE_CONFIG = "base.yaml"  # what a scale's experiments share (configs/<scale>/base.yaml)
 
 
 class ParsedOnly(Exception):
@@ -61,6 +64,17 @@ def redirect_outputs(trainer: Any, run_dir: str) -> None:
             args.dirpath = f"{run_dir}/checkpoints"
         elif "output_dir" in args:
             args.output_dir = run_dir
+
+
+def default_run_dir(configs: Sequence[str]) -> str | None:
+    """``runs/<scale>/<experiment>`` for the last of ``configs`` that is an experiment of a scale (a file beside a
+    ``base.yaml``, other than the base itself); else ``runs/<name>`` of the last config; None without configs.
+    Overlays from other folders (``configs/overlays``, ``configs/loggers``, ``configs/ci``) do not rename a run."""
+    paths = [Path(c) for c in configs]
+    for path in reversed(paths):
+        if path.name != BASE_CONFIG and (path.parent / BASE_CONFIG).is_file():
+            return str(Path("runs") / path.parent.name / path.stem)
+    return str(Path("runs") / paths[-1].stem) if paths else None
 
 
 # ---------------------------------------------------------------------------------------- readable errors
@@ -196,12 +210,15 @@ class SuiteCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="write logs, config and checkpoints (DIR/checkpoints) under DIR, "
-                                 "whatever the config says")
+                            help="write logs, config and checkpoints (DIR/checkpoints) under DIR, whatever the "
+                                 "config says (default: runs/<scale>/<experiment> of the last experiment config)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self.config_files: list[str] = []
         if args is None or isinstance(args, list | tuple):
-            check_config_files(sys.argv[1:] if args is None else list(args))
+            argv = sys.argv[1:] if args is None else list(args)
+            check_config_files(argv)
+            self.config_files = config_files(argv)
         self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
@@ -237,7 +254,9 @@ class SuiteCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("run_dir"):
+        if not config.get("run_dir"):
+            config.run_dir = default_run_dir(self.config_files)
+        if config.run_dir:
             check_creatable_dir(config.run_dir, "--run_dir")
             redirect_outputs(config.trainer, config.run_dir)  # also what the saved config.yaml records
         if self.parse_only:

@@ -5,159 +5,33 @@ prediction a Linf PGD attack of radius ``eps`` (0.01) flips, the same fraction a
 a sweep of such fractions over ``sweep`` radii, the train and test accuracy (train accuracy split into the
 label-noise images and the others: memorising the former is what makes the network fragile), and the robustness
 radius of the linear classifier ``sign(mean of the pixels)`` on the same test points (analytic: ``|mean(x)|``).
+The attack and the linear classifier are in ``attacks/squares.py``; the BatchNorm recalibration the squares
+configs train with is ``lightning_modules.RecalibrateBatchNorm``.
 Everything is logged as ``test/squares/...`` to every logger and written as ``squares.json`` next to the run,
 plus a copy ``squares_<n>epochs.json`` per training length (so the epoch-1 and the last checkpoint of one run
 can both be measured into the same folder) and ``squares.png`` drawing every such copy in the folder.
-``python -m lightning_modules.squares A/squares.json B/squares.json -o fig.png`` draws runs of different folders
-(e.g. the pipeline's ``squares`` and ``squares_1epoch`` stages) on one figure.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
-from attacks import eval_mode, pgd, point_key, predict
-from attacks.evaluate import model_device
-from attacks.pgd import check_attack_args
+from attacks import check_attack_args, flipped_by_attack, linear_radius, point_key, predict
 from common.errors import ConfigError
 from common.figures import log_figure, pyplot, save_figure
 from common.files import write_bytes_atomic
-from common.tensors import as_float_images, rank_slice, summed_fractions
+from common.tensors import as_float_images, rank_subset, summed_fractions
 
 JSON_NAME, FIGURE_NAME = "squares.json", "squares.png"
 STEPS_PER_EPOCH_KEY = "squares_steps_per_epoch"  # stored in checkpoints by SquaresRobustness
-
-
-# ----------------------------------------------------------------------------- the linear classifier, analytic
-
-
-def linear_radius(x: Tensor) -> Tensor:
-    """Per example, the Linf distance from ``x`` to the decision boundary of ``sign(mean of the pixels)``.
-
-    Moving every pixel by ``eps`` moves the mean by at most ``eps`` (and exactly ``eps`` when all move the same
-    way), so the boundary ``mean = 0`` is at Linf distance ``|mean(x)|``."""
-    return x.flatten(1).mean(dim=1).abs()
-
-
-class PixelMeanClassifier(nn.Module):
-    """The linear classifier ``sign(mean of the pixels)`` as a 2-class model: logits ``(-m, m)``, ``m = mean(x)``
-    (class 1 is ``Y = +1``). Its Linf robustness radius at ``x`` is :func:`linear_radius`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        m = x.flatten(1).mean(dim=1, keepdim=True)
-        return torch.cat([-m, m], dim=1)
-
-
-# --------------------------------------------------------------------------------------------- flip fractions
-
-
-def attack_squares(
-    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int = 20, step_size: float | None = None
-) -> Tensor:
-    """Untargeted Linf PGD away from ``y`` (e.g. the model's own predictions) within ``eps`` of ``x``: ``steps``
-    sign steps of ``step_size`` (default ``2.5 * eps / steps``), no random start, stopping early once every
-    example is flipped. Pixels are not clamped to any range."""
-    step_size = 2.5 * eps / steps if step_size is None else step_size
-    # bounds=None: squares images live in [-1.1, 1.1], not [0, 1]. Clamping to [0, 1] would move every negative
-    # pixel by ~1, far beyond eps (and pgd's bounds check rejects such inputs anyway).
-    return pgd(model, x, y, norm="linf", eps=eps, step_size=step_size, steps=steps, bounds=None, early_stop=True)
-
-
-def flipped_by_attack(
-    model: nn.Module, x: Tensor, *, eps: float, steps: int = 20, step_size: float | None = None,
-    batch_size: int = 500,
-) -> tuple[Tensor, Tensor]:
-    """``(clean predictions, flipped mask)`` of ``model`` on ``x`` (on ``x``'s device).
-
-    ``flipped[i]`` is True when :func:`attack_squares` finds a point within Linf ``eps`` of ``x[i]`` with another
-    prediction than ``x[i]``'s. Attacking the prediction rather than the label also counts flips of wrongly
-    classified points (the label-noise images).
-    """
-    check_attack_args("linf", eps, 2.5 * eps / steps if step_size is None else step_size, steps)
-    preds, flips = [], []
-    device = model_device(model, x.device)
-    with eval_mode(model):
-        for xb in x.split(batch_size):
-            xb = xb.to(device)
-            pred = predict(model, xb, batch_size=batch_size)
-            x_adv = attack_squares(model, xb, pred, eps=eps, steps=steps, step_size=step_size)
-            preds.append(pred.to(x.device))
-            flips.append((predict(model, x_adv, batch_size=batch_size) != pred).to(x.device))
-    if not preds:
-        return torch.empty(0, dtype=torch.long, device=x.device), torch.empty(0, dtype=torch.bool, device=x.device)
-    return torch.cat(preds), torch.cat(flips)
-
-
-# ------------------------------------------------------------------------------------------ BatchNorm statistics
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
-    """Replace every BatchNorm layer's running statistics by their plain average over ``batches`` (as "precise
-    BN"); the weights are untouched. Returns the number of BatchNorm layers (0: nothing to do)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
-    momenta = [m.momentum for m in norms]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # only the BatchNorm layers collect statistics; anything else (dropout) stays deterministic
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-        m.train()
-    try:
-        for xb in batches:
-            model(xb)
-    finally:
-        for m, training in modes:
-            m.training = training
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-    return len(norms)
-
-
-class RecalibrateBatchNorm(pl.Callback):
-    """At the end of every training epoch (before validation and checkpointing), recompute the BatchNorm running
-    statistics from ``examples`` training images.
-
-    Why: on the squares data, Adam moves the weights fast enough that BatchNorm's running averages (momentum 0.1)
-    lag behind, and the eval-mode network (the one attacked, SPEC 0) collapses to a constant prediction in some
-    epochs (measured with the fast CNN: eval accuracy 0.51 against 0.94 with batch statistics; recalibrated 0.94).
-    Only the statistics change, never the weights."""
-
-    def __init__(self, examples: int = 2000, batch_size: int = 500) -> None:
-        """
-        Args:
-            examples: the first this many training images give the statistics.
-            batch_size: images per forward pass (each batch's statistics enter the average equally).
-        """
-        if examples < 1 or batch_size < 2:
-            raise ConfigError(f"examples must be >= 1 and batch_size >= 2, got {examples} and {batch_size}")
-        self.examples, self.batch_size = examples, batch_size
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
-        if batch_idx + 1 != trainer.num_training_batches:  # the epoch's last batch, before validation
-            return
-        x = trainer.datamodule.train[0][: self.examples]
-        batches = (as_float_images(xb.to(pl_module.device)) for xb in x.split(self.batch_size))
-        # pl_module's forward applies its input options (channels_last); the plugin's context its precision.
-        with trainer.precision_plugin.forward_context():
-            recalibrate_batchnorm(pl_module, batches)
-
-
-# ------------------------------------------------------------------------------------------------ the callback
 
 
 class SquaresRobustness(pl.Callback):
@@ -228,10 +102,10 @@ class SquaresRobustness(pl.Callback):
             trained["epochs"] = int(epochs) if epochs == int(epochs) else round(epochs, 2)
         return trained
 
-    def _shard(self, split: tuple[Tensor, Tensor], limit: int | None, *extra: Tensor) -> list[Tensor]:
+    @staticmethod
+    def _shard(split: tuple[Tensor, Tensor], limit: int | None, *extra: Tensor) -> list[Tensor]:
         """The first ``limit`` examples of ``split`` (and the aligned ``extra`` tensors), this rank's part."""
-        n = len(split[1]) if limit is None else min(limit, len(split[1]))
-        return rank_slice(*(t[:n] for t in (*split, *extra)))
+        return rank_subset(*split, *extra, limit=limit)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
@@ -340,7 +214,7 @@ class SquaresRobustness(pl.Callback):
             f"{m['flip_fraction']:.4f} of the test points ({m['flip_fraction_correct']:.4f} of the clean-correct); "
             f"linear classifier radius mean {r['mean']:.4f}, min {r['min']:.4f}; {self.results['seconds']} s -> {path}")
         # One figure of every run measured into this folder (e.g. the 1-epoch and the fully trained network).
-        figure = squares_figure(load_runs([out]))
+        figure = squares_figure(load_runs(out))
         save_figure(figure, out / FIGURE_NAME, dpi=100, close=False)  # log_figure closes it
         log_figure(trainer.loggers, "test/squares", out / FIGURE_NAME, figure=figure, step=trainer.global_step)
 
@@ -350,19 +224,9 @@ def json_name(epochs: float | None) -> str:
     return f"squares_{'unknown_' if epochs is None else epochs}epoch{'s' * (epochs != 1)}.json"
 
 
-def load_runs(paths: Sequence[str | os.PathLike]) -> list[dict]:
-    """The contents of squares JSON files; a folder stands for its per-training-length files
-    (``squares_<n>epochs.json``). Sorted by training length."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(p.glob("squares_*.json"))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p} not found: `python train.py test --config configs/.../squares.yaml "
-                                    "--ckpt_path ...` writes squares.json into the run's folder")
-    runs = [json.loads(f.read_text()) for f in files]
+def load_runs(folder: Path) -> list[dict]:
+    """The per-training-length results (``squares_<n>epochs.json``) in ``folder``, sorted by training length."""
+    runs = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("squares_*.json"))]
     return sorted(runs, key=lambda run: run["trained"].get("epochs") or 0)
 
 
@@ -390,22 +254,3 @@ def squares_figure(runs: Sequence[Mapping]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Draw squares runs (their squares.json) on one figure.")
-    parser.add_argument("runs", nargs="+", help="squares.json files, or folders of squares_<n>epochs.json files")
-    parser.add_argument("-o", "--output", required=True, help="PNG file to write")
-    args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.runs)
-    except FileNotFoundError as err:
-        raise SystemExit(str(err)) from err
-    if not runs:
-        raise SystemExit(f"no squares_<n>epochs.json in {args.runs}; run the test stage first")
-    squares_figure(runs).savefig(args.output, dpi=120)
-    print(f"wrote {args.output} ({len(runs)} runs)")
-
-
-if __name__ == "__main__":
-    main()

@@ -175,7 +175,8 @@ def load_source(path: str | Path, *, arch: str | None = None, num_classes: int |
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"source checkpoint {path} not found (resolved: {path.resolve()}). Train the source model first "
-            "(e.g. `python train.py fit --config configs/mini/standard.yaml`) and point `sources` at its "
+            "(e.g. `python train.py fit --config configs/mini/base.yaml --config configs/mini/standard.yaml`) "
+            "and point `sources` at its "
             "last.ckpt."
         )
     checkpoint = read_checkpoint(str(path))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from common.attack_settings import NAKKIRAN_ATTACKS, eps_text
+
 CHANCE = 0.10  # CIFAR-10
 
 
@@ -87,6 +89,10 @@ def claim(text: str, test: Callable[..., bool], *inputs: Getter) -> Claim:
 
 @dataclass(frozen=True)
 class Row:
+    """One line of the report. ``id`` (``<stage>.<quantity>``) names it for code and tests; ``experiment`` is its
+    display text, free to change."""
+
+    id: str
     section: str
     experiment: str
     paper: str
@@ -153,7 +159,8 @@ NAKKIRAN_42 = {("linf", "pgd"): ("23.7%", "40.4%"), ("linf", "nakkiran"): ("2.5%
 
 
 def section_41() -> list[Row]:
-    rows = [Row(S41, "fresh model predicts t = y+1 on clean images (chance level)", "—",
+    rows = [Row("transfer.clean_fresh_target_rate", S41,
+                "fresh model predicts t = y+1 on clean images (chance level)", "—",
                 transfer("l2", "clean_fresh_target_rate"))]
     for (norm, attack), (success, moved) in NAKKIRAN_41.items():
         name = f"{norm.capitalize()} {'PGD' if attack == 'pgd' else 'non-transferable'}"
@@ -164,8 +171,10 @@ def section_41() -> list[Row]:
         else:
             spread = claim("barely transfers: rate < 10%", lambda n: n < 0.10,
                            transfer(norm, "non_transferable_transfer"))
-        rows += [Row(S41, f"{name}: success on f", success, transfer(norm, f"{attack}_success"), fools),
-                 Row(S41, f"{name}: transfer to a fresh model", moved, transfer(norm, f"{attack}_transfer"), spread)]
+        rows += [Row(f"transfer.{norm}.{attack}_success", S41, f"{name}: success on f", success,
+                     transfer(norm, f"{attack}_success"), fools),
+                 Row(f"transfer.{norm}.{attack}_transfer", S41, f"{name}: transfer to a fresh model", moved,
+                     transfer(norm, f"{attack}_transfer"), spread)]
     return rows
 
 
@@ -173,7 +182,7 @@ def section_42() -> list[Row]:
     rows = []
     for (norm, kind), (true_acc, shifted_acc) in NAKKIRAN_42.items():
         stage = f"{kind}_ddet_{norm}"
-        eps = "2.5" if norm == "l2" else "8/255"
+        eps = eps_text(norm, NAKKIRAN_ATTACKS[norm]["eps"])
         name = f"{norm.capitalize()} {'PGD' if kind == 'pgd' else 'non-transferable'} (eps {eps})"
         # The thresholds are the floors of the Nakkiran issue (10,000 test images: 15% is far outside chance's noise).
         if kind == "pgd":
@@ -185,59 +194,66 @@ def section_42() -> list[Row]:
                             clean(stage))
             on_shifted = claim("learns the shifted labels instead: (X, Y+1) acc >= 35% and >= 3x its (X, Y) acc",
                                lambda s, a: s >= 0.35 and s >= 3 * a, clean(stage, "test_shift1"), clean(stage))
-        rows += [Row(S42, f"{name}: test acc (X, Y)", true_acc, clean(stage), on_true),
-                 Row(S42, f"{name}: test acc (X, Y+1)", shifted_acc, clean(stage, "test_shift1"), on_shifted)]
+        rows += [Row(f"{stage}.clean", S42, f"{name}: test acc (X, Y)", true_acc, clean(stage), on_true),
+                 Row(f"{stage}.shifted", S42, f"{name}: test acc (X, Y+1)", shifted_acc, clean(stage, "test_shift1"),
+                     on_shifted)]
     return rows
 
 
 ROWS: list[Row] = [
-    Row(S1, "standard: clean test acc", "95.3%", clean("standard"), learns_task("standard")),
-    Row(S1, "standard: L2 eps 0.25 acc", "4.5%", robust("standard"), not_robust("standard")),
-    Row(S1, "adversarial (L2 0.5): clean test acc", "90.8%", clean("adversarial_l2"),
+    Row("standard.clean", S1, "standard: clean test acc", "95.3%", clean("standard"), learns_task("standard")),
+    Row("standard.l2_0.25", S1, "standard: L2 eps 0.25 acc", "4.5%", robust("standard"), not_robust("standard")),
+    Row("adversarial_l2.clean", S1, "adversarial (L2 0.5): clean test acc", "90.8%", clean("adversarial_l2"),
         claim("robustness costs clean accuracy: below the standard model's", lambda a, s: a < s,
               clean("adversarial_l2"), clean("standard"))),
-    Row(S1, "adversarial (L2 0.5): L2 eps 0.25 acc", "82.3%", robust("adversarial_l2"),
+    Row("adversarial_l2.l2_0.25", S1, "adversarial (L2 0.5): L2 eps 0.25 acc", "82.3%", robust("adversarial_l2"),
         claim("adversarial training buys robustness: >= 3x the standard model's L2 0.25 acc",
               lambda a, s: a >= 3 * s, robust("adversarial_l2"), robust("standard"))),
-    Row(S1, "adversarial (L2 0.5): L2 eps 0.5 acc", "70.2%", robust("adversarial_l2", eps=0.5)),
-    Row(S2, "D_R: clean test acc", "84%", clean("d_robust"), learns_task("d_robust")),
-    Row(S2, "D_R: L2 eps 0.25 acc", "48%", robust("d_robust"),
+    Row("adversarial_l2.l2_0.5", S1, "adversarial (L2 0.5): L2 eps 0.5 acc", "70.2%",
+        robust("adversarial_l2", eps=0.5)),
+    Row("d_robust.clean", S2, "D_R: clean test acc", "84%", clean("d_robust"), learns_task("d_robust")),
+    Row("d_robust.l2_0.25", S2, "D_R: L2 eps 0.25 acc", "48%", robust("d_robust"),
         claim("D_R carries robustness: L2 0.25 acc >= 3x D_NR's and >= 15%", lambda r, n: r >= 3 * n and r >= 0.15,
               robust("d_robust"), robust("d_nonrobust"))),
-    Row(S2, "D_NR: clean test acc", "88%", clean("d_nonrobust"), learns_task("d_nonrobust")),
-    Row(S2, "D_NR: L2 eps 0.25 acc", "~0%", robust("d_nonrobust"), not_robust("d_nonrobust")),
-    Row(S3, "D_rand: test acc (true labels)", "63.3%", clean("d_rand"), far_above_chance("d_rand")),
-    Row(S3, "D_det: test acc (true labels)", "43.7%", clean("d_det"), far_above_chance("d_det")),
-    Row(S3, "D_det: test acc on the shifted labels y+1", "—", clean("d_det", "test_shift1")),
-    Row(S3, "D_rand: L2 eps 0.25 acc", "~0%", robust("d_rand"), not_robust("d_rand")),
-    Row(S3, "D_det: L2 eps 0.25 acc", "~0%", robust("d_det"), not_robust("d_det")),
+    Row("d_nonrobust.clean", S2, "D_NR: clean test acc", "88%", clean("d_nonrobust"), learns_task("d_nonrobust")),
+    Row("d_nonrobust.l2_0.25", S2, "D_NR: L2 eps 0.25 acc", "~0%", robust("d_nonrobust"), not_robust("d_nonrobust")),
+    Row("d_rand.clean", S3, "D_rand: test acc (true labels)", "63.3%", clean("d_rand"), far_above_chance("d_rand")),
+    Row("d_det.clean", S3, "D_det: test acc (true labels)", "43.7%", clean("d_det"), far_above_chance("d_det")),
+    Row("d_det.shifted", S3, "D_det: test acc on the shifted labels y+1", "—", clean("d_det", "test_shift1")),
+    Row("d_rand.l2_0.25", S3, "D_rand: L2 eps 0.25 acc", "~0%", robust("d_rand"), not_robust("d_rand")),
+    Row("d_det.l2_0.25", S3, "D_det: L2 eps 0.25 acc", "~0%", robust("d_det"), not_robust("d_det")),
     *section_41(),
     *section_42(),
-    Row(S43, "trained network: train acc (label noise memorised)", "99.9%", squares("train_acc"),
+    Row("squares.train_acc", S43, "trained network: train acc (label noise memorised)", "99.9%", squares("train_acc"),
         claim("memorises the label noise: train acc >= 99%", lambda a: a >= 0.99, squares("train_acc"))),
-    Row(S43, "trained network: test points flipped by Linf eps 0.01", "almost all",
+    Row("squares.flipped", S43, "trained network: test points flipped by Linf eps 0.01", "almost all",
         squares("flip_fraction"),
         claim("almost every test point flipped: >= 90%", lambda f: f >= 0.9, squares("flip_fraction"))),
-    Row(S43, "1-epoch network: test points flipped by Linf eps 0.01", "~0% (robust)",
+    Row("squares_1epoch.flipped", S43, "1-epoch network: test points flipped by Linf eps 0.01", "~0% (robust)",
         squares("flip_fraction", "test_1epoch"),
         claim("the 1-epoch network is robust: <= 10% flipped", lambda f: f <= 0.1,
               squares("flip_fraction", "test_1epoch"))),
-    Row(S43, "linear classifier sign(mean): test points flipped at eps 0.01", "0%",
+    Row("squares.linear_flipped", S43, "linear classifier sign(mean): test points flipped at eps 0.01", "0%",
         squares("linear_flip_fraction"),
         claim("the linear classifier is robust: 0% flipped", lambda f: f == 0,
               squares("linear_flip_fraction"))),
-    Row(S43, "linear classifier: smallest robustness radius (Linf)", "0.9", squares("linear_radius_min"),
-        percent=False),
-    Row(F3, "D_det point: test acc (true labels)", "ResNet-50 45%", point("d_det", "accuracy")),
-    Row(F3, "D_det point: targeted transfer to an independent model", "ResNet-50 100%", point("d_det", "transfer")),
+    Row("squares.linear_radius", S43, "linear classifier: smallest robustness radius (Linf)", "0.9",
+        squares("linear_radius_min"), percent=False),
+    Row("figure3.d_det.accuracy", F3, "D_det point: test acc (true labels)", "ResNet-50 45%",
+        point("d_det", "accuracy")),
+    Row("figure3.d_det.transfer", F3, "D_det point: targeted transfer to an independent model", "ResNet-50 100%",
+        point("d_det", "transfer")),
     *(row for n in ("l2", "linf") for row in (
-        Row(F3, f"Nakkiran non-transferable D_det ({n}): test acc (true labels)", "~0%",
+        Row(f"figure3.nakkiran_ddet_{n}.accuracy", F3, f"Nakkiran non-transferable D_det ({n}): test acc (true labels)",
+            "~0%",
             point(f"nakkiran_ddet_{n}", "accuracy")),
-        Row(F3, f"Nakkiran non-transferable D_det ({n}): targeted transfer", "~0%",
+        Row(f"figure3.nakkiran_ddet_{n}.transfer", F3, f"Nakkiran non-transferable D_det ({n}): targeted transfer",
+            "~0%",
             point(f"nakkiran_ddet_{n}", "transfer"),
             claim("sits near (0, 0): acc <= 15% and transfer <= 10%", lambda a, t: a <= 0.15 and t <= 0.10,
                   point(f"nakkiran_ddet_{n}", "accuracy"), point(f"nakkiran_ddet_{n}", "transfer"))))),
-    Row(F3, "rank correlation of (transfer, accuracy) over the measured points", "+ (on one line)",
+    Row("figure3.correlation", F3, "rank correlation of (transfer, accuracy) over the measured points",
+        "+ (on one line)",
         figure3_correlation,
         claim("accuracy tracks transferability: Spearman correlation > 0.5", lambda c: c > 0.5, figure3_correlation),
         percent=False),
@@ -261,11 +277,22 @@ def architecture_rows(results: Results) -> list[Row]:
         arch = stage.removeprefix("d_det_")
         name = FIGURE3_ARCHS.get(arch, arch)
         transfer_paper, acc_paper = PAPER_FIGURE3.get(name, (None, None))
-        rows += [Row(F3, f"D_det point, {p['label']}: test acc (true labels)",
+        rows += [Row(f"figure3.{stage}.accuracy", F3, f"D_det point, {p['label']}: test acc (true labels)",
                      f"{name} {acc_paper}%" if acc_paper is not None else "—", point(stage, "accuracy")),
-                 Row(F3, f"D_det point, {p['label']}: targeted transfer to an independent model",
+                 Row(f"figure3.{stage}.transfer", F3,
+                     f"D_det point, {p['label']}: targeted transfer to an independent model",
                      f"{name} {transfer_paper}%" if transfer_paper is not None else "—", point(stage, "transfer"))]
     return rows
+
+
+def paper_percent(row_id: str) -> float | None:
+    """The published number of the row ``row_id`` in %, for plots ("95.3%" -> 95.3, "~0%" -> 0.0); None when the
+    row has no single published percentage."""
+    paper = next(r.paper for r in ROWS if r.id == row_id)
+    try:
+        return float(paper.removeprefix("~").removesuffix("%")) if paper.endswith("%") else None
+    except ValueError:
+        return None
 
 
 def evaluate(records: Mapping[str, dict | None], rows: list[Row] | None = None) -> list[dict]:
@@ -274,6 +301,6 @@ def evaluate(records: Mapping[str, dict | None], rows: list[Row] | None = None) 
     results = Results(records)
     if rows is None:
         rows = ROWS + architecture_rows(results)
-    return [{"section": row.section, "experiment": row.experiment, "paper": row.paper, "suite": row.value(results),
-             "percent": row.percent, "claim": row.claim.text if row.claim else None,
+    return [{"id": row.id, "section": row.section, "experiment": row.experiment, "paper": row.paper,
+             "suite": row.value(results), "percent": row.percent, "claim": row.claim.text if row.claim else None,
              "holds": row.claim.holds(results) if row.claim else None} for row in rows]

@@ -17,12 +17,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.attack_settings import NAKKIRAN_ATTACKS, NAKKIRAN_STEPS
 from common.errors import ConfigError
 from common.files import read_json, write_json_atomic
 from pipeline.runner import STAGE_JSON
-
-# Nakkiran's attacks (SPEC 4.1): 10 steps, L2 eps 2.5 step 0.5, Linf eps 8/255 step 2/255.
-NAKKIRAN_ATTACKS = {"l2": {"eps": 2.5, "step_size": 0.5}, "linf": {"eps": 8 / 255, "step_size": 2 / 255}}
 
 
 def _device():
@@ -52,7 +50,7 @@ def _model(path: str):
 
 
 def transfer(*, target: str, ensemble: Sequence[str], fresh: str, examples: int = 1000, seed: int = 0,
-             steps: int = 10, batch_size: int = 250, data_dir: str | None = None) -> dict:
+             steps: int = NAKKIRAN_STEPS, batch_size: int = 250, data_dir: str | None = None) -> dict:
     """Nakkiran's table (SPEC 4.1): success on the target and targeted transfer to ``fresh`` of plain targeted PGD
     and of the non-transferable attack (target t = y + 1), for L2 and Linf."""
     from attacks.ensemble import transfer_report
@@ -82,8 +80,29 @@ def model_label(source) -> str:
     return f"{source.hparams.get('arch', 'model')}{f' ({extra})' if extra else ''}"
 
 
-def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer: str, eps: float = 0.5,
-            step_size: float = 0.1, steps: int = 10, examples: int = 1000, seed: int = 0, batch_size: int = 250,
+def ddet_attack(stage_dirs: Sequence[str]) -> dict:
+    """The attack that made the D_det the ``stage_dirs`` trained on, from the record their ConstructedDataModule
+    wrote (``constructed.json``): one source of truth, the run itself. All must have trained on the same set."""
+    from pipeline.outputs import constructed_record
+
+    records = {stage: constructed_record(Path(stage)) for stage in stage_dirs}
+    if missing := [s for s, r in records.items() if r is None]:
+        raise ConfigError(f"figure3: {missing} hold no constructed.json (the record of the dataset a run trained on): "
+                          "rerun those D_det stages with this version of the suite (reproduce --force d_det)")
+    if len({r["key"] for r in records.values()}) > 1:
+        raise ConfigError(f"figure3: the --ddet stages trained on different datasets "
+                          f"({ {s: r['key'][:12] for s, r in records.items()} }); Figure 3 pairs one D_det with models "
+                          "of several architectures")
+    recipe = next(iter(records.values()))["recipe"]
+    if recipe["class_path"].rsplit(".", 1)[-1] != "RelabelByAttack" or recipe["init_args"].get("targets") != "shift" \
+            or recipe["init_args"].get("shift", 1) != 1:
+        raise ConfigError(f"figure3: --ddet stages must train on a D_det (RelabelByAttack, targets: shift, shift 1); "
+                          f"{stage_dirs[0]} used {recipe['class_path']} {recipe['init_args']}")
+    return recipe["init_args"]
+
+
+def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer: str, examples: int = 1000,
+            seed: int = 0, batch_size: int = 250,
             nakkiran_l2: str | None = None, nakkiran_linf: str | None = None, pgd_l2: str | None = None,
             pgd_linf: str | None = None, data_dir: str | None = None) -> dict:
     """Ilyas Figure 3's points, (test accuracy on the true labels of a model trained on a D_det-style set,
@@ -91,8 +110,8 @@ def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer:
 
     - one D_det point per architecture: ``ddet[i]`` is the stage of a model of some architecture trained on the
       D_det made from ``source``, ``fresh[i]`` a standard model of that architecture; transfer measured here:
-      targeted L2 PGD towards y + 1 (``eps``, ``step_size``, ``steps``: the D_det recipe) from ``source``, scored
-      on ``fresh[i]``;
+      the attack that made the D_det (read from the D_det run's record: norm, eps, step size, steps) towards y + 1
+      from ``source``, scored on ``fresh[i]``;
     - Nakkiran's datasets (non-transferable attack) and their plain-PGD controls: accuracies of those stages,
       transfer rates from the ``transfer`` stage.
     """
@@ -106,12 +125,14 @@ def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer:
     if len(ddet) != len(fresh) or not ddet:
         raise ConfigError(f"figure3 needs one --fresh checkpoint per --ddet stage (the same architecture, trained on "
                          f"clean data): got {len(ddet)} --ddet and {len(fresh)} --fresh")
+    attack = ddet_attack(ddet)
+    attack_norm, eps, step_size, steps = attack.get("norm", "l2"), attack["eps"], attack["step_size"], attack["steps"]
     x, y = cifar_test_subset(examples, seed, data_dir)
     device = _device()
     model = load_source(source).model.to(device)
     targets = (y + 1) % 10
     start = time.monotonic()
-    x_adv = torch.cat([pgd(model, xb.to(device), tb.to(device), norm="l2", eps=eps, step_size=step_size,
+    x_adv = torch.cat([pgd(model, xb.to(device), tb.to(device), norm=attack_norm, eps=eps, step_size=step_size,
                            steps=steps, targeted=True).cpu()
                        for xb, tb in zip(x.split(batch_size), targets.split(batch_size), strict=True)])
     success = attack_success_rate(model, x_adv, targets, targeted=True, batch_size=batch_size)
@@ -131,7 +152,7 @@ def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer:
                 points.append({"label": f"D_det of {name} ({norm})", "stage": Path(stage).name,
                                "accuracy": true_label_accuracy(stage),
                                "transfer": table.get(norm, {}).get(f"{kind}_transfer")})
-    return {"examples": examples, "seed": seed, "attack": {"norm": "l2", "eps": eps, "step_size": step_size,
+    return {"examples": examples, "seed": seed, "attack": {"norm": attack_norm, "eps": eps, "step_size": step_size,
             "steps": steps, "targets": "(y + 1) mod 10"}, "points": points,
             "seconds": round(time.monotonic() - start, 1)}
 
@@ -153,7 +174,6 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--out", required=True, help="folder of measure.json")
     common.add_argument("--examples", type=int, default=1000, help="size of the seeded test subset")
     common.add_argument("--seed", type=int, default=0, help="seed of the test subset")
-    common.add_argument("--steps", type=int, default=10, help="attack steps")
     common.add_argument("--batch_size", type=int, default=250)
     common.add_argument("--data_dir", default=None, help="CIFAR-10 folder (default: $BOF_DATA_DIR, else ./data)")
     common.add_argument("--logger_config", nargs="+", default=[], action="extend", metavar="YAML",
@@ -162,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--target", required=True, help="checkpoint of the attacked model f")
     t.add_argument("--ensemble", nargs="+", required=True, help="checkpoints of the ensemble kept on the true label")
     t.add_argument("--fresh", required=True, help="checkpoint of an independently trained model")
+    t.add_argument("--steps", type=int, default=NAKKIRAN_STEPS, help="attack steps")
     f = sub.add_parser("figure3", parents=[common], help=figure3.__doc__.splitlines()[0])
     f.add_argument("--source", required=True, help="checkpoint of the model D_det was made from")
     f.add_argument("--fresh", required=True, nargs="+",
@@ -171,8 +192,6 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--transfer", required=True, help="stage folder of the transfer measurement")
     for name in ("nakkiran_l2", "nakkiran_linf", "pgd_l2", "pgd_linf"):
         f.add_argument(f"--{name}", default=None, help="stage folder of that D_det-style dataset's model")
-    f.add_argument("--eps", type=float, default=0.5)
-    f.add_argument("--step_size", type=float, default=0.1)
     return p
 
 

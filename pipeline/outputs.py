@@ -1,17 +1,14 @@
 """Reading what a finished run wrote: test metrics (the CSV logger's metrics.csv), the attack sweep
-(``robust_accuracy.json`` of the RobustAccuracy callback), ``squares.json``, and where the constructed dataset's
-example grid is (the ConstructedDataModule logs its cache directory)."""
+(``robust_accuracy.json`` of the RobustAccuracy callback), ``squares.json``, and the record of the constructed
+dataset a fit trained on (``constructed.json`` of the ConstructedDataModule: cache key, statistics, example grid)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 
-# ConstructedDataModule.report: "<recipe>: <n> examples (<origin>) in <cache dir>, <precision>, <s> s of generation"
-GENERATION_LINE = re.compile(r": \d+ examples \([^)]*\) in (.+?), [^,\n]+, [\d.]+ s of generation")
-GRID = "examples.png"
+CONSTRUCTED_JSON = "constructed.json"  # written by ConstructedDataModule into the fit's run directory
 
 
 class MissingOutputs(RuntimeError):
@@ -49,11 +46,15 @@ def read_test_run(run_dir: Path) -> dict:
     return result
 
 
-def constructed_grid(log: Path) -> str | None:
-    """The example grid of the constructed dataset a fit used, found through the cache directory it logged."""
-    if not log.is_file():
-        return None
-    for match in reversed(GENERATION_LINE.findall(log.read_text(errors="replace"))):
-        if (grid := Path(match) / GRID).is_file():
-            return str(grid)
-    return None
+def constructed_record(run_dir: Path) -> dict | None:
+    """The record of the constructed dataset the fit in ``run_dir`` trained on (``run_dir/constructed.json``,
+    written atomically); None when there is none (the fit used no constructed dataset)."""
+    path = Path(run_dir) / CONSTRUCTED_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def constructed_grid(run_dir: Path) -> str | None:
+    """The example grid of the constructed dataset the fit in ``run_dir`` trained on, if the grid is there."""
+    record = constructed_record(run_dir)
+    grid = record.get("grid") if record is not None else None
+    return grid if grid is not None and Path(grid).is_file() else None

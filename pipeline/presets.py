@@ -41,30 +41,28 @@ NORMS = ("l2", "linf")
 SQUARES_TESTS = (*TEST, Test("test_1epoch", checkpoint="after_1_epoch.ckpt"))
 
 
-def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: Sequence[str],
-           nakkiran: tuple[str, Sequence[str]] | None = None, base: Sequence[str] = (),
-           constructed: Sequence[str] = (), helpers: Sequence[str] = (),
-           figure3_archs: Sequence[tuple[str, Sequence[str]]] = ()) -> list[Stage]:
-    """The whole debate over the configs in ``configs``.
+def debate(configs: str, *, ensemble: int, transfer_examples: int,
+           nakkiran: tuple[str, Sequence[str]] | None = None, constructed: Sequence[str] = (),
+           helpers: Sequence[str] = (), figure3_archs: Sequence[tuple[str, Sequence[str]]] = ()) -> list[Stage]:
+    """The whole debate over the configs in ``configs``: every train stage stacks ``<configs>/base.yaml`` (what
+    the scale's experiments share) and an experiment's file (what differs).
 
     Args:
         ensemble: number of extra standard models (seeds 1..k) of Nakkiran's ensemble.
         transfer_examples: size of the seeded subset of the real test set the measure stages attack.
-        ddet_attack: ``--eps/--step_size/--steps`` of the D_det attack, as in ``<configs>/d_det.yaml``, for the
-            transfer measurement of Figure 3.
         nakkiran: ``(name, args)``: Nakkiran's target, ensemble and fresh model are the standard config plus
             ``args`` (e.g. another architecture), in stages of their own (``standard_<name>``, ``fresh_<name>``);
             None: they are the standard model, seeds 1..k and ``fresh``.
-        base: arguments added to every train stage (e.g. a second --config).
         constructed: arguments added to every stage that trains on a constructed dataset (e.g. its cache_dir).
         helpers: arguments added to the ensemble members and the fresh model, which only serve as attack
             sources and transfer targets (e.g. fewer epochs, no attack sweep).
         figure3_archs: ``(name, args)`` per extra architecture of Figure 3: ``d_det_<name>`` trains the standard
             config's model plus ``args`` on the same (cached) D_det, ``fresh_<name>`` is that architecture
             trained on clean data (seed 100; shared with Nakkiran's fresh model when ``name`` is its family).
+            Figure 3 attacks with the recipe the D_det run recorded (its ``constructed.json``).
     """
-    def cfg(name: str) -> str:
-        return f"{configs}/{name}.yaml"
+    def train(name: str, experiment: str, *args: str, **kwargs) -> Stage:
+        return train_stage(name, f"{configs}/{experiment}.yaml", *args, base=[f"{configs}/base.yaml"], **kwargs)
 
     def on(*sources: str) -> list[str]:
         return [*constructed, "--data.init_args.sources", ckpt_list(*sources)]
@@ -74,34 +72,32 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
     fresh = f"fresh_{family}" if nakkiran else "fresh"  # for the transfer table
     members = [f"ensemble_seed_{i}" for i in range(1, ensemble + 1)]
     nakkiran_models = [] if nakkiran is None else [
-        train_stage(target, cfg("standard"), *base, *arch),
-        train_stage(fresh, cfg("standard"), *base, *arch, *helpers, "--seed_everything", "100")]
+        train(target, "standard", *arch),
+        train(fresh, "standard", *arch, *helpers, "--seed_everything", "100")]
     # Figure 3's architectures: a model of each trained on D_det, and one trained on clean data (transfer target).
     arch_points = [("d_det", "fresh"), *((f"d_det_{name}", f"fresh_{name}") for name, _ in figure3_archs)]
     figure3_models = [stage for name, args in figure3_archs for stage in (
-        *([] if name == family else [train_stage(f"fresh_{name}", cfg("standard"), *base, *args, *helpers,
-                                                 "--seed_everything", "100")]),
-        train_stage(f"d_det_{name}", cfg("d_det"), *base, *on("standard"), *args, deps=["standard"]))]
+        *([] if name == family else [train(f"fresh_{name}", "standard", *args, *helpers, "--seed_everything", "100")]),
+        train(f"d_det_{name}", "d_det", *on("standard"), *args, deps=["standard"]))]
     return [
-        train_stage("standard", cfg("standard"), *base),
-        train_stage("adversarial_l2", cfg("adversarial_l2"), *base),
+        train("standard", "standard"),
+        train("adversarial_l2", "adversarial_l2"),
         *nakkiran_models,
-        *(train_stage(m, cfg("standard"), *base, *arch, *helpers, "--seed_everything", str(i))
-          for i, m in enumerate(members, 1)),
-        train_stage("fresh", cfg("standard"), *base, *helpers, "--seed_everything", "100"),
-        train_stage("d_rand", cfg("d_rand"), *base, *on("standard"), deps=["standard"]),
-        train_stage("d_det", cfg("d_det"), *base, *on("standard"), deps=["standard"], tests=TEST_AND_SHIFTED),
-        train_stage("d_robust", cfg("d_robust"), *base, *on("adversarial_l2"), deps=["adversarial_l2"]),
-        train_stage("d_nonrobust", cfg("d_nonrobust"), *base, *on("standard"), deps=["standard"]),
-        *(train_stage(f"nakkiran_ddet_{n}", cfg(f"nakkiran_ddet_{n}"), *base, *on(target, *members),
-                      deps=[target, *members], tests=TEST_AND_SHIFTED) for n in NORMS),
-        *(train_stage(f"pgd_ddet_{n}", cfg(f"pgd_ddet_{n}"), *base, *on(target), deps=[target],
-                      tests=TEST_AND_SHIFTED) for n in NORMS),
+        *(train(m, "standard", *arch, *helpers, "--seed_everything", str(i)) for i, m in enumerate(members, 1)),
+        train("fresh", "standard", *helpers, "--seed_everything", "100"),
+        train("d_rand", "d_rand", *on("standard"), deps=["standard"]),
+        train("d_det", "d_det", *on("standard"), deps=["standard"], tests=TEST_AND_SHIFTED),
+        train("d_robust", "d_robust", *on("adversarial_l2"), deps=["adversarial_l2"]),
+        train("d_nonrobust", "d_nonrobust", *on("standard"), deps=["standard"]),
+        *(train(f"nakkiran_ddet_{n}", f"nakkiran_ddet_{n}", *on(target, *members), deps=[target, *members],
+                tests=TEST_AND_SHIFTED) for n in NORMS),
+        *(train(f"pgd_ddet_{n}", f"pgd_ddet_{n}", *on(target), deps=[target], tests=TEST_AND_SHIFTED)
+          for n in NORMS),
         measure_stage("transfer", "transfer", "--target", f"{{ckpt:{target}}}",
                       "--ensemble", *(f"{{ckpt:{m}}}" for m in members), "--fresh", f"{{ckpt:{fresh}}}",
                       "--examples", str(transfer_examples), deps=[target, *members, fresh]),
         # One fit gives both of Nakkiran's networks: the config also saves the weights after epoch 1.
-        train_stage("squares", cfg("squares"), *base, tests=SQUARES_TESTS),
+        train("squares", "squares", tests=SQUARES_TESTS),
         *figure3_models,
         # Figure 3: each D_det point pairs a model trained on D_det with an independent one of its architecture.
         measure_stage("figure3", "figure3", "--source", "{ckpt:standard}",
@@ -109,7 +105,7 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, ddet_attack: 
                       "--ddet", *(f"{{dir:{d}}}" for d, _ in arch_points), "--transfer", "{dir:transfer}",
                       *(a for n in NORMS for a in (f"--nakkiran_{n}", f"{{dir:nakkiran_ddet_{n}}}",
                                                    f"--pgd_{n}", f"{{dir:pgd_ddet_{n}}}")),
-                      "--examples", str(transfer_examples), *ddet_attack,
+                      "--examples", str(transfer_examples),
                       deps=["standard", *(s for pair in arch_points for s in pair), "transfer",
                             *(f"{k}_ddet_{n}" for k in ("nakkiran", "pgd") for n in NORMS)]),
     ]
@@ -122,11 +118,10 @@ def mini() -> list[Stage]:
     Figure 3's second architecture is that unwhitened fast CNN (``d_det_nowhiten``, transfer target
     ``fresh_nowhiten``).
     Transfer and Figure 3 measurements on 500 test images, constructed datasets cached under OUT/constructed.
-    Target: 120 minutes on 2 cores; the measured time per stage is in the README."""
+    Target: 120 minutes on 2 cores; the measured time per stage is in docs/RESULTS.md."""
     return debate("configs/mini", ensemble=3, transfer_examples=500,
                   nakkiran=("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
                   figure3_archs=[("nowhiten", ["--model.init_args.arch_kwargs", "{whiten: false}"])],
-                  ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "10"],
                   constructed=["--data.init_args.cache_dir", "{out}/constructed"],
                   helpers=["--config", NO_SWEEP, "--trainer.max_epochs", "4"])
 
@@ -137,28 +132,31 @@ def paper() -> list[Stage]:
     --trainer.strategy ddp``."""
     return debate("configs/cifar10", ensemble=10, transfer_examples=1000,
                   nakkiran=("resnet18", ["--model.init_args.arch", "resnet18"]),
-                  figure3_archs=[(a, ["--model.init_args.arch", a]) for a in ("resnet18", "vgg16")],
-                  ddet_attack=["--eps", "0.5", "--step_size", "0.1", "--steps", "100"])
+                  figure3_archs=[(a, ["--model.init_args.arch", a]) for a in ("resnet18", "vgg16")])
 
 
-TINY = ("--config", "pipeline/tiny.yaml")  # 512 images, 2 batches, a 4-point sweep on 100 test images
+TINY = ("--config", "configs/ci/tiny.yaml")  # 512 images, 2 batches, a 4-point sweep on 100 test images
 
 
 def tiny() -> list[Stage]:
     """CI only: seconds-long stages on a real CIFAR-10 subset, the constructed data cached under OUT."""
     constructed = ["--data.init_args.cache_dir", "{out}/constructed", "--data.init_args.progress_bar", "false"]
+
+    def train(name: str, experiment: str, *args: str, **kwargs) -> Stage:
+        return train_stage(name, f"configs/mini/{experiment}.yaml", *TINY, *args, base=["configs/mini/base.yaml"],
+                           **kwargs)
+
     return [
-        train_stage("standard", "configs/mini/standard.yaml", *TINY),
-        train_stage("ensemble_seed_1", "configs/mini/standard.yaml", *TINY, "--seed_everything", "1"),
-        train_stage("fresh", "configs/mini/standard.yaml", *TINY, "--seed_everything", "100"),
-        train_stage("d_det", "configs/mini/d_det.yaml", *TINY, *constructed, "--data.init_args.sources",
-                    ckpt_list("standard"), deps=["standard"], tests=TEST_AND_SHIFTED),
+        train("standard", "standard"),
+        train("ensemble_seed_1", "standard", "--seed_everything", "1"),
+        train("fresh", "standard", "--seed_everything", "100"),
+        train("d_det", "d_det", *constructed, "--data.init_args.sources", ckpt_list("standard"), deps=["standard"],
+              tests=TEST_AND_SHIFTED),
         measure_stage("transfer", "transfer", "--target", "{ckpt:standard}", "--ensemble", "{ckpt:ensemble_seed_1}",
                       "--fresh", "{ckpt:fresh}", "--examples", "50", "--steps", "2",
                       deps=["standard", "ensemble_seed_1", "fresh"]),
         measure_stage("figure3", "figure3", "--source", "{ckpt:standard}", "--fresh", "{ckpt:fresh}",
                       "--ddet", "{dir:d_det}", "--transfer", "{dir:transfer}", "--examples", "50",
-                      "--eps", "0.5", "--step_size", "0.1", "--steps", "2",
                       deps=["standard", "fresh", "d_det", "transfer"]),
     ]
 

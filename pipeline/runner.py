@@ -312,7 +312,8 @@ class Runner:
         record = {
             "stage": stage.name, "kind": stage.kind, "key": decision.key,
             "run_id": f"{decision.key[:16]}-{now()}", "preset": self.preset, "reproduction": reproduction,
-            "config": stage.config, "measure": stage.measure, "overrides": list(stage.overrides),
+            "config": stage.config, "base": list(stage.base), "measure": stage.measure,
+            "overrides": list(stage.overrides),
             "extra_args": self.extra_args, "seed": seed_of(stage), "deps": self._dep_ids(stage),
             "commands": {label: argv for label, argv in steps}, "resumed": resume,
             "results": results, "artifacts": self._artifacts(stage, directory),
@@ -341,7 +342,7 @@ class Runner:
         return {t.label: outputs.read_test_run(directory / t.label) for t in stage.tests}
 
     def _artifacts(self, stage: Stage, directory: Path) -> dict:
-        grid = outputs.constructed_grid(directory / LOG) if stage.kind == "train" else None
+        grid = outputs.constructed_grid(directory) if stage.kind == "train" else None  # the fit's run dir
         return {"checkpoint": str(last_checkpoint(self.out, stage.name)) if stage.kind == "train" else None,
                 "examples_grid": grid}
 

@@ -1,6 +1,7 @@
 """A stage of the reproduction, its cache key and the commands it runs.
 
-A *train* stage is ``python train.py fit --config C [overrides] --run_dir OUT/<stage>`` followed by one
+A *train* stage is ``python train.py fit --config BASE --config C [overrides] --run_dir OUT/<stage>`` (BASE: the
+scale's shared file, C: the experiment's) followed by one
 ``python train.py test ... --ckpt_path OUT/<stage>/checkpoints/last.ckpt`` per entry of ``tests`` (each with its
 own run directory ``OUT/<stage>/<label>``, so their results stay apart). A *measure* stage is
 ``python -m pipeline.measure NAME --out OUT/<stage> [args]``. Either can be copied from ``stage.log`` and run
@@ -58,8 +59,8 @@ TEST_AND_SHIFTED = (Test("test"), Test("test_shift1", ("--data.init_args.test_la
 
 @dataclass(frozen=True)
 class Stage:
-    """One node of the graph. ``config`` is a YAML config (train stage) or ``MEASURE_MODULE`` (measure stage,
-    with ``measure`` naming the function of ``pipeline.measure``)."""
+    """One node of the graph. ``config`` is the experiment's YAML config (train stage), stacked on the ``base``
+    configs, or ``MEASURE_MODULE`` (measure stage, with ``measure`` naming the function of ``pipeline.measure``)."""
 
     name: str
     config: str
@@ -67,14 +68,16 @@ class Stage:
     deps: tuple[str, ...] = ()
     tests: tuple[Test, ...] = TEST
     measure: str | None = None
+    base: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
         return "measure" if self.measure else "train"
 
     def config_files(self) -> list[Path]:
-        """The config plus every ``--config FILE`` among the overrides, resolved against the repository."""
-        return [resolve(self.config), *config_args(self.overrides)]
+        """The base configs, the config and every ``--config FILE`` among the overrides, in the order they stack,
+        resolved against the repository."""
+        return [*map(resolve, self.base), resolve(self.config), *config_args(self.overrides)]
 
     def referenced(self) -> set[str]:
         """Names of the stages the arguments refer to through placeholders."""
@@ -82,9 +85,9 @@ class Stage:
         return {m.group(2) for a in args for m in PLACEHOLDER.finditer(a) if m.group(2)}
 
 
-def train_stage(name: str, config: str, *overrides: str, deps: Sequence[str] = (),
+def train_stage(name: str, config: str, *overrides: str, base: Sequence[str] = (), deps: Sequence[str] = (),
                 tests: tuple[Test, ...] = TEST) -> Stage:
-    return Stage(name, config, tuple(overrides), tuple(deps), tests)
+    return Stage(name, config, tuple(overrides), tuple(deps), tests, base=tuple(base))
 
 
 def measure_stage(name: str, function: str, *args: str, deps: Sequence[str] = ()) -> Stage:
@@ -177,15 +180,19 @@ def _expanded(args: Sequence[str], out: Path) -> list[str]:
     return [str(resolve(b)) if a == "--config" else b for a, b in zip(["", *args], args, strict=False)]
 
 
+def _configs(stage: Stage) -> list[str]:
+    return [a for c in (*stage.base, stage.config) for a in ("--config", str(resolve(c)))]
+
+
 def fit_command(stage: Stage, out: Path, extra_args: Sequence[str] = (), *, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, str(TRAIN_PY), "fit", "--config", str(resolve(stage.config)),
+    cmd = [sys.executable, str(TRAIN_PY), "fit", *_configs(stage),
            *_expanded(stage.overrides, out), *extra_args, "--run_dir", str(stage_dir(out, stage.name))]
     # ckpt_path "last": Lightning resumes from the newest last*.ckpt in the ModelCheckpoint's dirpath.
     return cmd + ["--ckpt_path", "last"] if resume else cmd
 
 
 def test_command(stage: Stage, test: Test, out: Path, extra_args: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, str(TRAIN_PY), "test", "--config", str(resolve(stage.config)),
+    return [sys.executable, str(TRAIN_PY), "test", *_configs(stage),
             *_expanded(stage.overrides, out), *extra_args, *_expanded(test.args, out),
             "--run_dir", str(stage_dir(out, stage.name) / test.label),
             "--ckpt_path", str(last_checkpoint(out, stage.name, test.checkpoint))]

@@ -3,6 +3,7 @@ constructed data, released-dataset files, and small real-data networks."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -62,3 +63,37 @@ def train_tiny(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> 
             loss.backward()
             opt.step()
     return model.eval().requires_grad_(False)
+
+
+def parsed_config(argv: list[str]) -> dict:
+    """The config a ``train.py`` command (``["fit", "--config", ...]``) resolves to, as the suite's CLI parses it
+    (defaults filled in, ``--run_dir`` applied), with nothing built or loaded."""
+    from lightning_modules import cli
+
+    grabbed: list[dict] = []
+
+    class Grab(cli._ParseOnlyCLI):
+        def before_instantiate_classes(self) -> None:
+            try:
+                super().before_instantiate_classes()
+            except cli.ParsedOnly:
+                grabbed.append(self.config[self.subcommand].as_dict())
+                raise
+
+    with contextlib.suppress(cli.ParsedOnly):
+        cli.build_cli(argv, Grab, cli._ParseOnlyParser)
+    return grabbed[0]
+
+
+def class_names(components: list[dict] | None) -> list[str]:
+    """``["ModelCheckpoint", ...]``: the class names of a parsed list of callbacks or loggers."""
+    return [c["class_path"].rsplit(".", 1)[-1] for c in components or []]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def experiment_configs(experiment: str, scale: str = "mini") -> list[str]:
+    """``--config`` arguments of an experiment's one-line form: its scale's base file, then its own."""
+    folder = REPO / "configs" / scale
+    return ["--config", str(folder / "base.yaml"), "--config", str(folder / f"{experiment}.yaml")]

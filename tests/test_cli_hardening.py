@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import experiment_configs
 
 from lightning_modules.cli import run_cli
 from pipeline.cli import main as reproduce
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config", str(REPO / "configs/mini/standard.yaml"), "--config", str(REPO / "pipeline/tiny.yaml")]
+TINY = [*experiment_configs("standard"), "--config", str(REPO / "configs/ci/tiny.yaml")]
 
 
 class Payload:

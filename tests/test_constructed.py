@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import N, Synthetic, save_released, write_checkpoint
+from helpers import N, Synthetic, experiment_configs, save_released, write_checkpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from datamodules import (
@@ -28,8 +28,8 @@ from datamodules import (
     load_released,
 )
 from datamodules.constructed import example_generator
+from datamodules.constructed.recipes import other_positions
 from datamodules.constructed.store import tensor_sha256
-from datamodules.recipes import other_positions
 from lightning_modules import ClassifierModule
 from models import load_source
 
@@ -381,7 +381,7 @@ def test_constructed_configs_parse(config, capsys, monkeypatch):
 
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(REPO / config), "--print_config"])
+        main(["fit", *experiment_configs(Path(config).stem, Path(config).parent.name), "--print_config"])
     assert exit_.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "datamodules.ConstructedDataModule" in printed and "sources:" in printed

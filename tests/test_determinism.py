@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from helpers import write_checkpoint
 
 from datamodules import RelabelByAttack
-from datamodules.constructed import ConstructedSet, Generation, construct
+from datamodules.constructed import ConstructedSet, GenerationJob, GenerationSpec, construct
 from models import load_source
 
 N, BATCH = 25, 10  # batches of 10, 10 and a ragged 5 (one per shard)
@@ -45,10 +45,10 @@ def threads():
     torch.set_num_threads(before)
 
 
-def generation(ckpt: Path, images: tuple[torch.Tensor, torch.Tensor], **kw) -> Generation:
+def generation(ckpt: Path, images: tuple[torch.Tensor, torch.Tensor], **kw) -> GenerationJob:
     x, y = images
-    return Generation(x, y, torch.arange(N), [load_source(ckpt)], RelabelByAttack("random", steps=3),
-                      batch_size=BATCH, shard_size=BATCH, channels_last=True, progress=False, **kw)
+    return GenerationJob(x, y, torch.arange(N), [load_source(ckpt)], RelabelByAttack("random", steps=3),
+                         GenerationSpec(batch_size=BATCH, shard_size=BATCH, channels_last=True), progress=False, **kw)
 
 
 def generate(ckpt: Path, images, cache: Path, threads: int, set_threads) -> ConstructedSet:

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import save_released, write_checkpoint
+from helpers import experiment_configs, save_released, write_checkpoint
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import datamodules.constructed.store as store_module
@@ -43,7 +43,7 @@ from datamodules import (
     load_released,
 )
 from datamodules.cifar10 import read_bin_batch
-from datamodules.constructed import ConstructedSet, Generation, construct
+from datamodules.constructed import ConstructedSet, GenerationJob, GenerationSpec, construct
 from datamodules.constructed.store import CacheWarning, ShardStore, tensor_sha256
 from datamodules.files import DatasetFilesError
 from datamodules.mnist import SPLITS as MNIST_SPLITS
@@ -96,13 +96,12 @@ class Probe(RelabelByAttack):
         return super().__call__(sources, batch)
 
 
-def generation(ckpt: Path, recipe: RelabelByAttack | None = None) -> Generation:
+def generation(ckpt: Path, recipe: RelabelByAttack | None = None) -> GenerationJob:
     """A tiny D_rand: 64 random 16x16 images, 4 shards of 16, batches of 8."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (N, 3, 16, 16), dtype=torch.uint8, generator=gen)
+    x = torch.randint(0, 256, (N, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     recipe = recipe if recipe is not None else Probe("random", steps=3)
-    return Generation(x, torch.arange(N) % 10, torch.arange(N), [load_source(ckpt)], recipe, shard_size=SHARD,
-                      batch_size=8, progress=False)
+    return GenerationJob(x, torch.arange(N) % 10, torch.arange(N), [load_source(ckpt)], recipe,
+                         GenerationSpec(shard_size=SHARD, batch_size=8), progress=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -270,10 +269,10 @@ def test_two_jobs_asking_for_the_same_set_generate_each_example_exactly_once(ckp
 
     def job(k: int) -> Callable[[], None]:
         def run() -> None:
-            gen = generation(ckpt, Probe("random", steps=3, delay=0.1))  # slow enough for the jobs to overlap
+            planned = generation(ckpt, Probe("random", steps=3, delay=0.1))  # slow enough for the jobs to overlap
             start.wait(60)
             began = time.time()
-            result = construct(gen, tmp_path / "cache")
+            result = construct(planned, tmp_path / "cache")
             (tmp_path / f"job{k}.json").write_text(json.dumps({
                 "generated": result.generated, "data": tensor_sha256(result.x, result.y), "began": began,
                 "ended": time.time()}))
@@ -419,7 +418,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_run_killed_mid_epoch_resumes_with_ckpt_path_last_to_the_same_weights(tmp_path):
-    common = ["fit", "--config", str(REPO / "configs/mini/standard.yaml"), "--data.init_args.train_size", "1024",
+    common = ["fit", *experiment_configs("standard"), "--data.init_args.train_size", "1024",
               "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
               "false"]
     (tmp_path / "whole").mkdir()
@@ -560,7 +559,7 @@ def test_unknown_model_or_dataset_class_is_named_by_the_cli(option, name, capsys
 
     monkeypatch.setattr("sys.argv", ["train.py"])
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(REPO / "configs/mini/standard.yaml"), option, name, "--print_config"])
+        main(["fit", *experiment_configs("standard"), option, name, "--print_config"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and name in err and f"has no attribute '{name.split('.')[1]}'" in err
 
@@ -568,9 +567,9 @@ def test_unknown_model_or_dataset_class_is_named_by_the_cli(option, name, capsys
 def test_generation_settings_and_source_count_are_checked(ckpt, tmp_path):
     with pytest.raises(ValueError, match="unknown generation_precision 'fp8'; choose one of"):
         ConstructedDataModule([str(ckpt)], RelabelByAttack(), generation_precision="fp8")
-    gen = generation(ckpt)
+    job = generation(ckpt)
     with pytest.raises(ValueError, match="relabel_by_attack uses exactly one source checkpoint, got 2"):
-        construct(dataclasses.replace(gen, sources=gen.sources * 2), tmp_path)
+        construct(dataclasses.replace(job, sources=job.sources * 2), tmp_path)
 
 
 def test_source_checkpoints_that_are_not_classifiers_or_do_not_fit_their_network_are_named(tmp_path):

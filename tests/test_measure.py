@@ -12,6 +12,7 @@ from helpers import train_tiny  # tests/ is on sys.path under pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline import measure
+from pipeline.outputs import CONSTRUCTED_JSON
 from pipeline.runner import STAGE_JSON
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,16 @@ def finished_stage(path: Path, results: dict) -> str:
     return str(path)
 
 
+D_DET = {"class_path": "datamodules.RelabelByAttack",
+         "init_args": {"targets": "shift", "eps": 0.5, "step_size": 0.1, "steps": 3, "use_best": True, "shift": 1}}
+
+
+def trained_on(stage: str, recipe: dict, key: str = "k1") -> str:
+    """What a stage's ConstructedDataModule records of the dataset it trained on (the part figure3 reads)."""
+    (Path(stage) / CONSTRUCTED_JSON).write_text(json.dumps({"format": 1, "key": key, "recipe": recipe}))
+    return stage
+
+
 def events(folder: Path) -> EventAccumulator:
     (run,) = {p.parent for p in folder.glob("tensorboard/**/events.out.tfevents*")}
     accumulator = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
@@ -47,10 +58,10 @@ def events(folder: Path) -> EventAccumulator:
 
 
 def test_transfer_and_figure3_measure_and_log_to_tensorboard(ckpts, data_dir, tmp_path):
-    common = ["--examples", "40", "--steps", "3", "--batch_size", "20", "--data_dir", str(data_dir)]
+    common = ["--examples", "40", "--batch_size", "20", "--data_dir", str(data_dir)]
     transfer = tmp_path / "transfer"
     table = measure.main(["transfer", "--out", str(transfer), "--target", ckpts["target"], "--ensemble",
-                          ckpts["member"], "--fresh", ckpts["fresh"], *common])
+                          ckpts["member"], "--fresh", ckpts["fresh"], "--steps", "3", *common])
     assert json.loads((transfer / "measure.json").read_text()) == json.loads(json.dumps(table))
     assert table["l2"]["examples"] == 40 and 0 <= table["l2"]["pgd_transfer"] <= 1
     scalars = events(transfer).Tags()["scalars"]
@@ -59,13 +70,15 @@ def test_transfer_and_figure3_measure_and_log_to_tensorboard(ckpts, data_dir, tm
     assert logged == pytest.approx(table["l2"]["pgd_success"])
 
     finished_stage(transfer, table)  # the figure3 stage reads the transfer stage's record
-    ddet = finished_stage(tmp_path / "d_det", {"test": {"metrics": {"test/acc": 0.31}}})
-    other = finished_stage(tmp_path / "d_det_other", {"test": {"metrics": {"test/acc": 0.22}}})
+    ddet = trained_on(finished_stage(tmp_path / "d_det", {"test": {"metrics": {"test/acc": 0.31}}}), D_DET)
+    other = trained_on(finished_stage(tmp_path / "d_det_other", {"test": {"metrics": {"test/acc": 0.22}}}), D_DET)
     nakkiran = finished_stage(tmp_path / "nakkiran_ddet_l2", {"test": {"metrics": {"test/acc": 0.05}}})
     out = tmp_path / "figure3"
     result = measure.main(["figure3", "--out", str(out), "--source", ckpts["target"], "--fresh", ckpts["fresh"],
                            ckpts["fresh_other"], "--ddet", ddet, other, "--transfer", str(transfer),
-                           "--nakkiran_l2", nakkiran, "--eps", "0.5", "--step_size", "0.1", *common])
+                           "--nakkiran_l2", nakkiran, *common])
+    # The attack is the one the D_det runs recorded, not a copy of its numbers.
+    assert result["attack"] == {"norm": "l2", "eps": 0.5, "step_size": 0.1, "steps": 3, "targets": "(y + 1) mod 10"}
     points = {p["stage"]: p for p in result["points"]}
     assert list(points) == ["d_det", "d_det_other", "nakkiran_ddet_l2"]
     assert points["d_det_other"]["accuracy"] == 0.22
@@ -75,6 +88,22 @@ def test_transfer_and_figure3_measure_and_log_to_tensorboard(ckpts, data_dir, tm
     assert (out / "figure3_transfer.png").stat().st_size > 1000
     tags = events(out).Tags()
     assert "figure3/d_det_other/transfer" in tags["scalars"] and "figure3/transfer_vs_accuracy" in tags["images"]
+
+
+def test_figure3_refuses_d_det_stages_without_a_record_or_of_different_datasets(tmp_path):
+    first, second = (tmp_path / "d_det", tmp_path / "d_det_other")
+    first.mkdir()
+    second.mkdir()
+    with pytest.raises(ValueError, match=r"hold no constructed.json .*reproduce --force d_det"):
+        measure.ddet_attack([str(first)])
+    trained_on(str(first), D_DET)
+    trained_on(str(second), D_DET, key="k2")
+    with pytest.raises(ValueError, match="trained on different datasets"):
+        measure.ddet_attack([str(first), str(second)])
+    trained_on(str(second), {**D_DET, "init_args": {**D_DET["init_args"], "targets": "random"}})
+    with pytest.raises(ValueError, match="must train on a D_det"):
+        measure.ddet_attack([str(second)])
+    assert measure.ddet_attack([str(first)]) == D_DET["init_args"]
 
 
 def test_figure3_needs_one_fresh_model_per_d_det_stage(tmp_path):

@@ -3,13 +3,11 @@ recipes (plain targeted PGD in L2 / Linf and the non-transferable one), the tran
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from helpers import train_tiny
 from torch import nn
 
@@ -24,7 +22,7 @@ from attacks import (
 )
 from datamodules import ConstructedDataModule, NonTransferableAttack, RelabelByAttack
 from datamodules.constructed import example_generator
-from datamodules.recipes import Batch
+from datamodules.constructed.recipes import Batch
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,47 +322,3 @@ def test_l2_relabel_config_and_thus_existing_cache_keys_are_unchanged():
         "name": "relabel_by_attack", "targets": "shift", "eps": 0.5, "step_size": 0.1, "steps": 10,
         "use_best": True, "shift": 1}
     assert RelabelByAttack("shift", norm="linf", eps=8 / 255, step_size=2 / 255).describe()["norm"] == "linf"
-
-
-# ------------------------------------------------------------------------------------------------- configs
-
-CONFIGS = sorted(str(p.relative_to(REPO)) for pattern in ("configs/*/nakkiran_ddet_*.yaml", "configs/*/pgd_ddet_*.yaml")
-                 for p in REPO.glob(pattern))
-
-
-def test_all_eight_nakkiran_configs_exist():
-    assert len(CONFIGS) == 8, CONFIGS
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_nakkiran_configs_parse_and_hold_the_spec_settings(config, capsys, monkeypatch):
-    from train import main
-
-    monkeypatch.setattr("sys.argv", ["train.py"])
-    with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(REPO / config), "--print_config"])
-    assert exit_.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    data = printed["data"]["init_args"]
-    recipe = data["recipe"]
-    preset, name = Path(config).parent.name, Path(config).stem
-    norm = name.rsplit("_", 1)[1]
-    members = {"mini": 3, "cifar10": 10}[preset] if name.startswith("nakkiran") else 0
-    assert recipe["class_path"] == ("datamodules.NonTransferableAttack" if members else "datamodules.RelabelByAttack")
-    assert len(data["sources"]) == 1 + members and len(set(data["sources"])) == len(data["sources"])
-    assert [f"seed_{i}" in s for i, s in enumerate(data["sources"][1:], start=1)] == [True] * members
-    args = recipe["init_args"]
-    expected = {"l2": (2.5, 0.5), "linf": (8 / 255, 2 / 255)}[norm]
-    assert (args["norm"], args["steps"], args["targets"], args["shift"]) == (norm, 10, "shift", 1)
-    assert math.isclose(args["eps"], expected[0], rel_tol=1e-9) and math.isclose(args["step_size"], expected[1],
-                                                                                   rel_tol=1e-9)
-    assert data["augment"] is False and printed["trainer"]["default_root_dir"] == f"runs/{preset}/{name}"
-    assert printed["model"]["init_args"]["arch"] == data["source_arch"] == {"mini": "fast_cnn",
-                                                                             "cifar10": "resnet18"}[preset]
-    if preset == "mini":  # student, target and members: one family, configs/mini/nakkiran_model.yaml, seeds 0..3
-        family = yaml.safe_load((REPO / "configs/mini/nakkiran_model.yaml").read_text())["model"]["init_args"]
-        assert printed["model"]["init_args"]["arch_kwargs"] == family["arch_kwargs"] == {"whiten": False}
-        assert data["sources"][0] == "runs/mini/nakkiran/seed_0/checkpoints/last.ckpt"
-    # The recipe's constructor accepts the arguments (validation included).
-    cls = NonTransferableAttack if members else RelabelByAttack
-    assert cls(**args).describe()["name"] == cls.name

@@ -21,7 +21,6 @@ from pipeline.presets import preset
 from pipeline.report import write_report
 from pipeline.runner import ATTEMPT_JSON, LOG, STAGE_JSON, PipelineError, Runner, StageFailed
 from pipeline.stages import (
-    NO_SWEEP,
     TEST_AND_SHIFTED,
     Stage,
     Test,
@@ -133,28 +132,6 @@ def test_every_preset_is_a_valid_graph():
     assert paper["transfer"].deps[-1] == "fresh_resnet18" and "resnet18" not in paper["fresh"].overrides
 
 
-def test_paper_figure3_pairs_each_architecture_trained_on_the_one_d_det_with_a_fresh_model_of_it():
-    paper = {s.name: s for s in preset("paper")}
-    figure3 = paper["figure3"].overrides
-    ddet = figure3[figure3.index("--ddet") + 1:figure3.index("--transfer")]
-    fresh = figure3[figure3.index("--fresh") + 1:figure3.index("--ddet")]
-    assert ddet == ("{dir:d_det}", "{dir:d_det_resnet18}", "{dir:d_det_vgg16}")
-    assert fresh == ("{ckpt:fresh}", "{ckpt:fresh_resnet18}", "{ckpt:fresh_vgg16}")
-    d_det = paper["d_det"]
-    for arch in ("resnet18", "vgg16"):
-        student = paper[f"d_det_{arch}"]
-        # Same config and source as d_det, so the same cached dataset; only the student's architecture differs.
-        assert student.config == d_det.config and student.deps == ("standard",)
-        assert student.overrides == (*d_det.overrides, "--model.init_args.arch", arch)
-        assert paper[f"fresh_{arch}"].overrides[:2] == ("--model.init_args.arch", arch)
-    # Nakkiran's fresh ResNet-18 is Figure 3's ResNet-18 transfer target too: one stage, not two.
-    assert sum(s.name == "fresh_resnet18" for s in preset("paper")) == 1
-    mini = {s.name: s for s in preset("mini")}  # mini: the unwhitened fast CNN, Nakkiran's family
-    assert mini["d_det_nowhiten"].overrides == (*mini["d_det"].overrides, "--model.init_args.arch_kwargs",
-                                                "{whiten: false}")
-    assert "{ckpt:fresh_nowhiten}" in mini["figure3"].overrides and "fresh_nowhiten" in mini["figure3"].deps
-
-
 def test_measure_stages_get_the_logger_configs_of_the_stage_arguments(tmp_path):
     stage = measure_stage("transfer", "transfer", "--examples", "5")
     extra = ["--config", "configs/loggers/wandb.yaml", "--trainer.devices", "2"]
@@ -165,15 +142,6 @@ def test_measure_stages_get_the_logger_configs_of_the_stage_arguments(tmp_path):
     assert "--logger_config" not in plain
 
 
-def test_mini_helpers_train_briefly_without_sweeps_and_main_stages_keep_theirs():
-    mini = {s.name: s for s in preset("mini")}
-    for name in ("ensemble_seed_1", "ensemble_seed_3", "fresh", "fresh_nowhiten"):  # then --seed_everything K
-        assert list(mini[name].overrides[-6:-2]) == ["--config", NO_SWEEP, "--trainer.max_epochs", "4"], name
-    for name in ("standard", "adversarial_l2", "d_det", "nakkiran_ddet_linf"):
-        assert NO_SWEEP not in mini[name].overrides, name
-    assert [NO_SWEEP in t.args for t in mini["d_det"].tests] == [False, True]  # the shifted test only
-
-
 def test_squares_stage_tests_both_networks_of_one_fit(tmp_path):
     squares = next(s for s in preset("mini") if s.name == "squares")
     assert "squares_1epoch" not in {s.name for s in preset("mini")}  # no second fit of the same weights
@@ -182,29 +150,12 @@ def test_squares_stage_tests_both_networks_of_one_fit(tmp_path):
     assert steps["test"][-1].endswith("squares/checkpoints/last.ckpt")
     assert steps["test_1epoch"][-1] == str(tmp_path / "squares" / "checkpoints" / "after_1_epoch.ckpt")
     # Which weights a test reads enters the key; the default keeps the keys of stages that never set it.
-    plain = Stage("squares", squares.config, squares.overrides)
+    plain = Stage("squares", squares.config, squares.overrides, base=squares.base)
     assert stage_key(plain, preset="mini", dep_ids={}) != stage_key(squares, preset="mini", dep_ids={})
     assert stage_key(plain, preset="mini", dep_ids={}) == stage_key(
-        Stage("squares", squares.config, squares.overrides, tests=(Test("test", checkpoint="last.ckpt"),)),
+        Stage("squares", squares.config, squares.overrides, tests=(Test("test", checkpoint="last.ckpt"),),
+              base=squares.base),
         preset="mini", dep_ids={})
-
-
-def callbacks_of(*args: str, capsys) -> list[str]:
-    """The callback classes LightningCLI would build for ``train.py fit ARGS`` (parsed, nothing run)."""
-    from unittest import mock
-
-    import yaml
-
-    with pytest.raises(SystemExit), mock.patch("sys.argv", ["train.py"]):  # args only: pytest's argv is not ours
-        train.main(["fit", *args, "--print_config"])
-    return [c["class_path"].rsplit(".", 1)[-1] for c in yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]]
-
-
-def test_no_sweep_overlay_drops_the_attack_callback_and_keeps_the_checkpoint(capsys):
-    standard = str(resolve("configs/mini/standard.yaml"))
-    assert "RobustAccuracy" in callbacks_of("--config", standard, capsys=capsys)
-    assert callbacks_of("--config", standard, "--config", str(resolve(NO_SWEEP)), capsys=capsys) == [
-        "ModelCheckpoint", "LearningRateMonitor"]
 
 
 # ---------------------------------------------------------------------------------- caching and --force
@@ -300,8 +251,8 @@ def scores(acc: float, robust_l2_025: float | None = None) -> dict:
     return {"metrics": {"test/acc": acc}, "sweep": sweep}
 
 
-def holds(rows: list[dict], experiment: str) -> bool | None:
-    return next(r["holds"] for r in rows if r["experiment"] == experiment)
+def holds(rows: list[dict], row_id: str) -> bool | None:
+    return next(r["holds"] for r in rows if r["id"] == row_id)
 
 
 def test_claims_evaluate_on_fabricated_results():
@@ -316,34 +267,34 @@ def test_claims_evaluate_on_fabricated_results():
                                    "non_transferable_transfer": 0.017}}, kind="measure"),
     }
     rows = claims.evaluate(records)
-    assert holds(rows, "D_det: test acc (true labels)") is True  # 43.7% >= 20%
-    assert holds(rows, "D_rand: test acc (true labels)") is False  # 12% is not far above chance
-    assert holds(rows, "D_R: L2 eps 0.25 acc") is True  # 48% >= 3 x 0% and >= 10%
-    assert holds(rows, "D_NR: L2 eps 0.25 acc") is True  # 0% < 88% / 2
-    assert holds(rows, "L2 non-transferable (eps 2.5): test acc (X, Y)") is True  # 2.8% <= 15%
-    assert holds(rows, "L2 non-transferable (eps 2.5): test acc (X, Y+1)") is True  # 70.8% >= 3 x 2.8%
-    assert holds(rows, "Linf non-transferable (eps 8/255): test acc (X, Y)") is False  # 30% is not near chance
-    assert holds(rows, "L2 PGD: transfer to a fresh model") is True  # 82.5% >= 5 x 1.7%
-    assert holds(rows, "L2 non-transferable: transfer to a fresh model") is True  # 1.7% < 10%
-    assert holds(rows, "Linf PGD: success on f") is None  # not measured: "not run", not an error
-    assert holds(rows, "standard: L2 eps 0.25 acc") is None
+    assert holds(rows, "d_det.clean") is True  # 43.7% >= 20%
+    assert holds(rows, "d_rand.clean") is False  # 12% is not far above chance
+    assert holds(rows, "d_robust.l2_0.25") is True  # 48% >= 3 x 0% and >= 10%
+    assert holds(rows, "d_nonrobust.l2_0.25") is True  # 0% < 88% / 2
+    assert holds(rows, "nakkiran_ddet_l2.clean") is True  # 2.8% <= 15%
+    assert holds(rows, "nakkiran_ddet_l2.shifted") is True  # 70.8% >= 3 x 2.8%
+    assert holds(rows, "nakkiran_ddet_linf.clean") is False  # 30% is not near chance
+    assert holds(rows, "transfer.l2.pgd_transfer") is True  # 82.5% >= 5 x 1.7%
+    assert holds(rows, "transfer.l2.non_transferable_transfer") is True  # 1.7% < 10%
+    assert holds(rows, "transfer.linf.pgd_success") is None  # not measured: "not run", not an error
+    assert holds(rows, "standard.l2_0.25") is None
     d_r = {**records, "d_nonrobust": record({"test": scores(0.88, 0.2)})}
-    assert holds(claims.evaluate(d_r), "D_R: L2 eps 0.25 acc") is False  # 48% < 3 x 20%
+    assert holds(claims.evaluate(d_r), "d_robust.l2_0.25") is False  # 48% < 3 x 20%
     weak = claims.evaluate({**records, "nakkiran_ddet_l2": record({"test": scores(0.05), "test_shift1": scores(0.3)}),
                             "pgd_ddet_l2": record({"test": scores(0.16)}),
                             "pgd_ddet_linf": record({"test": scores(0.14)})})
-    assert holds(weak, "L2 non-transferable (eps 2.5): test acc (X, Y+1)") is False  # 6x its (X, Y), but < 35%
-    assert holds(weak, "L2 PGD (eps 2.5): test acc (X, Y)") is True  # the floor: >= 15%
-    assert holds(weak, "Linf PGD (eps 8/255): test acc (X, Y)") is False
+    assert holds(weak, "nakkiran_ddet_l2.shifted") is False  # 6x its (X, Y), but < 35%
+    assert holds(weak, "pgd_ddet_l2.clean") is True  # the floor: >= 15%
+    assert holds(weak, "pgd_ddet_linf.clean") is False
 
 
 def test_figure3_rows_cover_every_measured_architecture_with_its_paper_point():
     points = [{"label": "D_det (fast_cnn)", "stage": "d_det", "accuracy": 0.3, "transfer": 0.6},
               {"label": "D_det (vgg16)", "stage": "d_det_vgg16", "accuracy": 0.21, "transfer": 0.45}]
     rows = claims.evaluate({"figure3": record({"points": points}, kind="measure")})
-    vgg = [r for r in rows if r["experiment"].startswith("D_det point, D_det (vgg16)")]
+    vgg = [r for r in rows if r["id"].startswith("figure3.d_det_vgg16.")]
     assert [(r["paper"], r["suite"]) for r in vgg] == [("VGG-16 28%", 0.21), ("VGG-16 66%", 0.45)]
-    assert not [r for r in claims.evaluate({}) if "D_det point, " in r["experiment"]]  # none measured: no rows
+    assert not [r for r in claims.evaluate({}) if r["id"].startswith("figure3.d_det_")]  # none measured: no rows
 
 
 def test_rank_correlation():

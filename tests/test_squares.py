@@ -1,6 +1,7 @@
 """Adversarial squares (SPEC 4.3): the distribution, the linear classifier's radius, the flip measurement, and
 the callback end to end through the Trainer."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -10,20 +11,12 @@ import torch
 import yaml
 from torch import nn
 
+import lightning_modules
+from attacks import PixelMeanClassifier, attack_squares, flipped_by_attack, linear_radius
 from datamodules import SquaresDataModule, make_squares
-from lightning_modules import ClassifierModule
-from lightning_modules.squares import (
-    PixelMeanClassifier,
-    RecalibrateBatchNorm,
-    SquaresRobustness,
-    attack_squares,
-    flipped_by_attack,
-    linear_radius,
-    load_runs,
-    main,
-    recalibrate_batchnorm,
-    squares_figure,
-)
+from lightning_modules import ClassifierModule, RecalibrateBatchNorm, SquaresRobustness
+from lightning_modules.callbacks import recalibrate_batchnorm
+from lightning_modules.squares import load_runs, squares_figure
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (3, 8, 8)
@@ -227,16 +220,12 @@ def test_fit_and_test_log_the_squares_metrics(tmp_path):
     first = json.loads((out / "squares_1epoch.json").read_text())
     assert first["trained"]["epochs"] == 1 and first["trained"]["global_step"] == 4
     assert json.loads((out / "squares.json").read_text()) == first  # squares.json: the latest measurement
-    assert [r["label"] for r in load_runs([out])] == ["fast_cnn, 1 epoch", "fast_cnn, 2 epochs"]
+    assert [r["label"] for r in load_runs(out)] == ["fast_cnn, 1 epoch", "fast_cnn, 2 epochs"]
     assert (out / "squares.png").stat().st_size > 1000
-    legend = [t.get_text() for t in squares_figure(load_runs([out])).axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in squares_figure(load_runs(out)).axes[0].get_legend().get_texts()]
     assert legend[:3] == ["fast_cnn, 1 epoch", "fast_cnn, 2 epochs", "linear sign(mean pixel)"]
     with pytest.raises(ValueError, match="at least one run"):
         squares_figure([])
-    main([str(out / "squares_1epoch.json"), str(out / "squares_2epochs.json"), "-o", str(tmp_path / "both.png")])
-    assert (tmp_path / "both.png").stat().st_size > 1000
-    with pytest.raises(SystemExit, match="not found"):
-        main([str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.png")])
 
 
 def test_configs_build_the_experiment():
@@ -247,8 +236,13 @@ def test_configs_build_the_experiment():
         assert data["train_size"] == 10_000 and data["input_noise"] == 0.1 and data["flip_prob"] == 0.1
         assert model["num_classes"] == 2 and model["mean"] == [0, 0, 0] and model["std"] == [1, 1, 1]
         assert model["optimizer"] == "adam" and config["trainer"]["max_epochs"] == 20
-        callbacks = {c["class_path"]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
-        assert callbacks["lightning_modules.squares.SquaresRobustness"]["eps"] == 0.01
+        callbacks = {c["class_path"].rpartition(".")[2]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
+        assert callbacks["SquaresRobustness"]["eps"] == 0.01
+        for c in config["trainer"]["callbacks"]:  # the classes configs name resolve (also as lightning_modules.X)
+            module, _, name = c["class_path"].rpartition(".")
+            cls = getattr(importlib.import_module(module), name)
+            if module.startswith("lightning_modules"):
+                assert getattr(lightning_modules, name) is cls
         checkpoints = [c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith("Checkpoint")]
         assert [c.get("save_last", False) for c in checkpoints] == [True, False]
         assert (checkpoints[1]["monitor"], checkpoints[1]["mode"], checkpoints[1]["save_top_k"]) == ("epoch", "min", 1)

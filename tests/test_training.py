@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from helpers import experiment_configs
 
 from datamodules import CIFAR10DataModule, InMemoryDataModule
 from lightning_modules import ClassifierModule
@@ -48,7 +49,7 @@ def run_cli(*args, cwd):
 
 
 def test_cli_fit_then_test_from_checkpoint(tmp_path):
-    common = ["--config", str(REPO / "configs/mini/standard.yaml"), "--data.init_args.train_size", "512",
+    common = [*experiment_configs("standard"), "--data.init_args.train_size", "512",
               "--trainer.default_root_dir", str(tmp_path)]
     limits = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
     fit = run_cli("fit", *common, *limits, cwd=tmp_path)  # relative log dirs land in tmp_path
@@ -62,7 +63,7 @@ def test_cli_fit_then_test_from_checkpoint(tmp_path):
 
 
 def test_cli_rejects_unknown_key(tmp_path):
-    out = run_cli("fit", "--config", str(REPO / "configs/mini/standard.yaml"), "--model.init_args.lrr", "1",
+    out = run_cli("fit", *experiment_configs("standard"), "--model.init_args.lrr", "1",
                   cwd=tmp_path)
     assert out.returncode != 0 and "lrr" in out.stderr
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import Synthetic, write_checkpoint
+from helpers import Synthetic, experiment_configs, write_checkpoint
 
 from attacks import AttackConfig
 from common.errors import ConfigError
@@ -160,7 +160,7 @@ def test_a_vacuous_linf_eps_is_refused_when_the_adversarial_module_is_built():
 
 
 def test_cli_refuses_linf_eps_8_and_leaves_no_run_directory(tmp_path):
-    run = run_cli("fit", "--config", str(REPO / "configs/mini/adversarial_linf.yaml"), "--model.init_args.eps", "8",
+    run = run_cli("fit", *experiment_configs("adversarial_linf"), "--model.init_args.eps", "8",
                   "--run_dir", str(tmp_path / "run"), cwd=tmp_path)
     assert run.returncode != 0
     assert "Linf eps=8.0 exceeds the width 1.0" in run.stderr and "fix model.init_args.eps" in run.stderr, \
@@ -188,7 +188,7 @@ def test_source_lists_the_recipe_cannot_use_are_refused_at_construction(tmp_path
 
 
 def test_cli_refuses_empty_sources_and_creates_neither_cache_nor_run_directory(tmp_path):
-    run = run_cli("fit", "--config", str(REPO / "configs/mini/d_det.yaml"), "--data.init_args.sources", "[]",
+    run = run_cli("fit", *experiment_configs("d_det"), "--data.init_args.sources", "[]",
                   "--data.init_args.cache_dir", str(tmp_path / "cache"), "--run_dir", str(tmp_path / "run"),
                   cwd=tmp_path)
     assert run.returncode != 0

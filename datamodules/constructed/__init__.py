@@ -1,13 +1,14 @@
 """Constructed datasets: one engine turns source checkpoint(s) and a per-batch recipe into a cached,
 sharded, world-size-invariant training set (``engine.py``), stored on disk by ``store.py`` and served by
-``ConstructedDataModule`` (``datamodule.py``). The recipes themselves are in ``datamodules/recipes.py``."""
+``ConstructedDataModule`` (``datamodule.py``). The recipes, what is done to each batch, are in ``recipes.py``."""
 
 from datamodules.constructed.datamodule import ConstructedDataModule, example_grid
 from datamodules.constructed.engine import (
     PRECISIONS,
     ConstructedSet,
-    Generation,
     GenerationError,
+    GenerationJob,
+    GenerationSpec,
     construct,
     example_generator,
 )
@@ -18,8 +19,9 @@ __all__ = [
     "CacheWarning",
     "ConstructedDataModule",
     "ConstructedSet",
-    "Generation",
     "GenerationError",
+    "GenerationJob",
+    "GenerationSpec",
     "ShardStore",
     "cache_key",
     "construct",

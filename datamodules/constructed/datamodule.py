@@ -1,5 +1,7 @@
 """The DataModule of every constructed dataset (D_rand, D_det, D_R, D_NR and Nakkiran's D_det):
-real CIFAR-10, a training set generated from source checkpoint(s) by a recipe, the real test set."""
+real CIFAR-10, a training set generated from source checkpoint(s) by a recipe, the real test set. A fit records
+the set it trains on (cache key, recipe, statistics, example grid) as ``constructed.json`` in its run directory,
+which the pipeline reads (``pipeline/outputs.py``)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ from pytorch_lightning.utilities import rank_zero_info
 from common.datasets import CIFAR10_CLASSES as CLASSES
 from common.errors import ConfigError
 from common.figures import log_figure, pyplot, save_figure
+from common.files import write_json_atomic
 from common.tensors import as_float_images, world_info
-from datamodules.constructed.engine import PRECISIONS, ConstructedSet, Generation, construct
+from datamodules.constructed.engine import ConstructedSet, GenerationJob, GenerationSpec, construct
+from datamodules.constructed.recipes import Recipe
 from datamodules.real import CIFAR10DataModule
-from datamodules.recipes import Recipe
 from models import ARCHITECTURES, load_source
 
 GRID = "examples.png"
+RECORD, RECORD_FORMAT = "constructed.json", 1  # the record each fit writes into its run directory
 
 
 class ConstructedDataModule(CIFAR10DataModule):
@@ -46,9 +50,9 @@ class ConstructedDataModule(CIFAR10DataModule):
             sources: Lightning checkpoints (``last.ckpt``) of the source model(s), e.g. a standard model for
                 D_rand / D_det / D_NR, an L2-adversarially trained one for D_R. Their content (sha256), not
                 their path, enters the cache key.
-            recipe: what is done to each batch: ``datamodules.recipes.RelabelByAttack`` (D_rand, D_det, and
-                Nakkiran's plain-PGD D_det), ``datamodules.recipes.NonTransferableAttack`` (Nakkiran's D_det;
-                sources = [target, ensemble members...]) or ``datamodules.recipes.RepresentationInversion``
+            recipe: what is done to each batch: ``datamodules.RelabelByAttack`` (D_rand, D_det, and
+                Nakkiran's plain-PGD D_det), ``datamodules.NonTransferableAttack`` (Nakkiran's D_det;
+                sources = [target, ensemble members...]) or ``datamodules.RepresentationInversion``
                 (D_R, D_NR).
             cache_dir: where generated datasets are stored, one folder per key (float32 images: 614 MB for
                 the 50,000 CIFAR-10 training images). Under DDP it must be shared by all ranks.
@@ -67,17 +71,15 @@ class ConstructedDataModule(CIFAR10DataModule):
         super().__init__(**kwargs)
         # Everything that can be checked without data is checked here, before the trainer (and its run
         # directory) exists and before anything is written under cache_dir.
-        if generation_precision not in PRECISIONS:
-            raise ConfigError(f"unknown generation_precision {generation_precision!r}; choose one of "
-                             f"{sorted(PRECISIONS)}; fix data.init_args.generation_precision")
+        self.generation = GenerationSpec(precision=generation_precision, batch_size=generation_batch_size,
+                                         seed=generation_seed, channels_last=generation_channels_last,
+                                         shard_size=shard_size)
         if not isinstance(recipe, Recipe):
-            raise ConfigError(f"recipe must be a datamodules.recipes.Recipe (e.g. class_path: "
+            raise ConfigError(f"recipe must be a datamodules.Recipe (e.g. class_path: "
                               f"datamodules.RelabelByAttack), got {type(recipe).__name__}; fix data.init_args.recipe")
-        for name, value, low in (("generation_batch_size", generation_batch_size, 1), ("shard_size", shard_size, 1),
-                                 ("grid_examples", grid_examples, 1), ("generation_seed", generation_seed, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-                kind = f"an int >= {low}" if low is not None else "an int"
-                raise ConfigError(f"{name} must be {kind}, got {value!r}; fix data.init_args.{name}")
+        if isinstance(grid_examples, bool) or not isinstance(grid_examples, int) or grid_examples < 1:
+            raise ConfigError(f"grid_examples must be an int >= 1, got {grid_examples!r}; fix "
+                              "data.init_args.grid_examples")
         if source_arch is not None and source_arch not in ARCHITECTURES:
             raise ConfigError(f"unknown source_arch {source_arch!r}; choose one of {sorted(ARCHITECTURES)} or "
                               "null (any); fix data.init_args.source_arch")
@@ -89,10 +91,7 @@ class ConstructedDataModule(CIFAR10DataModule):
                               "[runs/mini/standard/checkpoints/last.ckpt]")
         recipe.check_sources(len(sources))
         self.sources, self.recipe, self.cache_dir = [str(s) for s in sources], recipe, Path(cache_dir)
-        self.generation_precision, self.generation_batch_size = generation_precision, generation_batch_size
-        self.generation_seed, self.generation_channels_last = generation_seed, generation_channels_last
-        self.shard_size, self.source_arch = shard_size, source_arch
-        self.progress_bar, self.grid_examples = progress_bar, grid_examples
+        self.source_arch, self.progress_bar, self.grid_examples = source_arch, progress_bar, grid_examples
         self.hparams["recipe"] = recipe.describe()  # plain data: checkpoints stay loadable with weights_only
         self.constructed: ConstructedSet | None = None
         self.clean_train: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -110,6 +109,7 @@ class ConstructedDataModule(CIFAR10DataModule):
             self.constructed = self.generate()
             self.train = self.constructed.x, self.constructed.y
             self.report()
+            self.write_record()
 
     def _device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -119,24 +119,29 @@ class ConstructedDataModule(CIFAR10DataModule):
         x, y = self.train
         sources = [load_source(p, arch=self.source_arch, num_classes=self.num_classes, in_channels=x.shape[1])
                    for p in self.sources]
-        generation = Generation(
-            x, y, self.train_indices, sources, self.recipe, num_classes=self.num_classes,
-            seed=self.generation_seed, precision=self.generation_precision,
-            batch_size=self.generation_batch_size, shard_size=self.shard_size,
-            channels_last=self.generation_channels_last, device=self._device(), progress=self.progress_bar,
-        )
-        return construct(generation, self.cache_dir)
+        job = GenerationJob(x, y, self.train_indices, sources, self.recipe, self.generation,
+                            num_classes=self.num_classes, device=self._device(), progress=self.progress_bar)
+        return construct(job, self.cache_dir)
 
     # ------------------------------------------------------------------------------------------ reporting
+
+    def statistics(self) -> dict[str, float]:
+        """What the manifest says about the generation: the recipe's statistics (means over the examples), the
+        generation seconds and, when known, the image-steps per second."""
+        manifest = self.constructed.manifest
+        stats = {**manifest["stats"], "generation_seconds": manifest["generation_seconds"]}
+        if manifest["image_steps_per_second"] is not None:
+            stats["image_steps_per_second"] = manifest["image_steps_per_second"]
+        return stats
+
+    def origin(self) -> str:
+        return f"{self.constructed.generated} generated now" if self.constructed.generated else "from the cache"
 
     def report(self) -> None:
         """Generation statistics to the console and the loggers (``data/...``), and the example grid."""
         manifest = self.constructed.manifest
-        metrics = {f"data/{k}": v for k, v in manifest["stats"].items()}
-        metrics["data/generation_seconds"] = manifest["generation_seconds"]
-        if manifest["image_steps_per_second"] is not None:
-            metrics["data/image_steps_per_second"] = manifest["image_steps_per_second"]
-        origin = f"{self.constructed.generated} generated now" if self.constructed.generated else "from the cache"
+        metrics = {f"data/{k}": v for k, v in self.statistics().items()}
+        origin = self.origin()
         rank_zero_info(
             f"{self.recipe.name}: {manifest['examples']} examples ({origin}) in {self.constructed.directory}, "
             f"{manifest['numerics']['precision']}, {manifest['generation_seconds']:.0f} s of generation in all\n"
@@ -153,6 +158,34 @@ class ConstructedDataModule(CIFAR10DataModule):
         for logger in loggers:
             logger.log_metrics(metrics, step=0)
         log_figure(loggers, "data/examples", grid, figure=figure)  # and closes it
+
+    def record(self) -> dict:
+        """The machine-readable account of the constructed set this run trains on (``constructed.json``)."""
+        manifest, grid = self.constructed.manifest, self.constructed.directory / GRID
+        return {
+            "format": RECORD_FORMAT,
+            "key": manifest["key"],
+            "directory": str(self.constructed.directory),
+            "grid": str(grid) if grid.is_file() else None,
+            "recipe": {"class_path": self.recipe.class_path(), "init_args": self.recipe.config()},
+            "sources": list(self.sources),
+            "examples": manifest["examples"],
+            "origin": self.origin(),
+            "generation": {"precision": self.generation.precision, "batch_size": self.generation.batch_size,
+                           "seed": self.generation.seed, "channels_last": self.generation.channels_last,
+                           "intra_op_threads": manifest["numerics"].get("intra_op_threads")},
+            "seconds": manifest["generation_seconds"],
+            "stats": self.statistics(),
+        }
+
+    def write_record(self) -> None:
+        """Write :meth:`record` as ``constructed.json`` into the run's directory (``trainer.default_root_dir``),
+        on rank 0; without a trainer (a DataModule set up by hand) there is no run and nothing is written."""
+        if self.trainer is None or world_info()[0] != 0:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / RECORD, self.record())
 
 
 def example_grid(clean_x: torch.Tensor, clean_y: torch.Tensor, new_x: torch.Tensor, new_y: torch.Tensor,

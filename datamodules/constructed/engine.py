@@ -1,6 +1,6 @@
 """The generation engine: shards over ranks, per-example seeds, the NaN guard, the content-addressed cache.
 
-``construct(generation, cache_dir)`` returns the whole constructed training set on every rank:
+``construct(job, cache_dir)`` returns the whole constructed training set on every rank:
 1. every rank checks the shards it owns (shard i belongs to rank i % world); if some are missing or damaged
    it checks that the cache directory is writable and has room for them (before any work), then generates
    them batch by batch, each under its shard lock and written atomically as soon as it is done (so a killed
@@ -33,14 +33,15 @@ from rich.progress import Progress
 from common.errors import ConfigError, UserError
 from common.files import check_output_dir
 from common.tensors import as_float_images, world_info
+from datamodules.constructed.recipes import Batch, Recipe, RecipeOutput
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
-from datamodules.recipes import Batch, Recipe, RecipeOutput
 from models import Source
 
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SPACE_MARGIN = 1.05, 64 << 20  # free space asked for beyond the estimate: 5% plus 64 MiB (logs, other writers)
 
-__all__ = ["CacheWarning", "ConstructedSet", "Generation", "GenerationError", "construct", "example_generator"]
+__all__ = ["CacheWarning", "ConstructedSet", "GenerationError", "GenerationJob", "GenerationSpec", "construct",
+           "example_generator"]
 
 
 class GenerationError(UserError, RuntimeError):
@@ -69,10 +70,10 @@ def intra_op_threads(device: torch.device) -> int | None:
     return torch.get_num_threads() if device.type == "cpu" else None
 
 
-def check_ranks_agree_on_threads(gen: Generation) -> None:
+def check_ranks_agree_on_threads(job: GenerationJob) -> None:
     """Raise a ConfigError on every rank if the DDP ranks would generate with different CPU thread counts:
     they would compute different keys and each wait for shards the others write elsewhere."""
-    threads = intra_op_threads(gen.device)
+    threads = intra_op_threads(job.device)
     if threads is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     counts: list[int | None] = [None] * dist.get_world_size()
@@ -87,38 +88,59 @@ def check_ranks_agree_on_threads(gen: Generation) -> None:
         )
 
 
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How a constructed dataset is generated: numerics, batching and seed, all part of the cache key. Built and
+    checked once, from ``ConstructedDataModule``'s ``generation_*`` and ``shard_size`` arguments (the errors name
+    those arguments)."""
+
+    precision: str = "32-true"  # autocast of the forward (PRECISIONS); the iterate stays fp32
+    batch_size: int = 250  # images per batch; kernels may round differently at another batch size
+    seed: int = 0  # of the per-example generators (example_generator)
+    channels_last: bool = False  # memory format of the source models
+    shard_size: int = 1000  # examples per shard, the unit of resuming and of the split over ranks
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown generation_precision {self.precision!r}; choose one of "
+                              f"{sorted(PRECISIONS)}; fix data.init_args.generation_precision")
+        for name, value, low in (("generation_batch_size", self.batch_size, 1), ("shard_size", self.shard_size, 1),
+                                 ("generation_seed", self.seed, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+                kind = f"an int >= {low}" if low is not None else "an int"
+                raise ConfigError(f"{name} must be {kind}, got {value!r}; fix data.init_args.{name}")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+
 @dataclass
-class Generation:
-    """Everything that determines a constructed dataset (all of it enters the cache key but ``device`` and
-    ``progress``, which only say where and how visibly it runs; the key takes the device type, and on the CPU the
-    thread count of the process, from outside the fields: see ``description``)."""
+class GenerationJob:
+    """One constructed dataset to generate: the training images, the source models, the recipe and the spec,
+    which all enter the cache key, and ``device`` and ``progress``, which only say where and how visibly it runs
+    (the key takes the device type, and on the CPU the thread count of the process, from outside the fields: see
+    ``description``)."""
 
     x: torch.Tensor  # the training images to construct from (CPU; uint8, or float in [0, 1])
     y: torch.Tensor  # their true labels
     indices: torch.Tensor  # their indices in the original training set (seeds, bookkeeping)
     sources: list[Source]
     recipe: Recipe
+    spec: GenerationSpec = field(default_factory=GenerationSpec)
     num_classes: int = 10
-    seed: int = 0
-    precision: str = "32-true"
-    batch_size: int = 250  # part of the key: kernels may round differently at another batch size
-    shard_size: int = 1000
-    channels_last: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {sorted(PRECISIONS)}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise ConfigError("batch_size and shard_size must be positive")
         if not len(self.x) == len(self.y) == len(self.indices) > 0:
             raise ConfigError("x, y and indices must be non-empty and have the same length")
 
     def description(self) -> dict:
         """The key material: source contents, recipe, data, seed and numerics (on the CPU with the thread count
         this process runs with now, see ``intra_op_threads``)."""
-        numerics = {"precision": self.precision, "device_type": self.device.type, "channels_last": self.channels_last}
+        spec = self.spec
+        numerics = {"precision": spec.precision, "device_type": self.device.type, "channels_last": spec.channels_last}
         if (threads := intra_op_threads(self.device)) is not None:  # absent on GPUs: their keys stay unchanged
             numerics["intra_op_threads"] = threads
         return {
@@ -127,10 +149,10 @@ class Generation:
             "data_sha256": tensor_sha256(self.x, self.y),  # the clean images and labels constructed from
             "indices_sha256": tensor_sha256(self.indices),  # which training examples they are
             "num_classes": self.num_classes,
-            "seed": self.seed,
+            "seed": spec.seed,
             "numerics": numerics,
-            "batch_size": self.batch_size,
-            "shard_size": self.shard_size,
+            "batch_size": spec.batch_size,
+            "shard_size": spec.shard_size,
         }
 
     def batch(self, positions: torch.Tensor) -> Batch:
@@ -139,11 +161,11 @@ class Generation:
             y=self.y[positions].to(self.device),
             indices=self.indices[positions],
             positions=positions,
-            generators=[example_generator(self.seed, int(i)) for i in self.indices[positions]],
+            generators=[example_generator(self.spec.seed, int(i)) for i in self.indices[positions]],
             pool=self.x,
             num_classes=self.num_classes,
-            autocast_dtype=PRECISIONS[self.precision],
-            channels_last=self.channels_last,
+            autocast_dtype=self.spec.autocast_dtype,
+            channels_last=self.spec.channels_last,
         )
 
 
@@ -178,14 +200,14 @@ def check_output(out: RecipeOutput, batch: Batch) -> None:
         )
 
 
-def generate_shard(gen: Generation, models: list, shard: range, advance: Callable[[], None] = lambda: None
+def generate_shard(job: GenerationJob, models: list, shard: range, advance: Callable[[], None] = lambda: None
                    ) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors of one shard and its record (size, timing, statistic sums); ``advance`` after each batch."""
     started = time.perf_counter()
     outputs = []
-    for positions in torch.arange(shard.start, shard.stop).split(gen.batch_size):
-        batch = gen.batch(positions)
-        out = gen.recipe(models, batch)
+    for positions in torch.arange(shard.start, shard.stop).split(job.spec.batch_size):
+        batch = job.batch(positions)
+        out = job.recipe(models, batch)
         check_output(out, batch)
         outputs.append(RecipeOutput(out.x.detach().float().cpu(), out.y.cpu(),
                                     {k: v.detach().float().cpu() for k, v in out.stats.items()}))
@@ -193,15 +215,15 @@ def generate_shard(gen: Generation, models: list, shard: range, advance: Callabl
     positions = torch.arange(shard.start, shard.stop)
     stats = {k: torch.cat([o.stats[k] for o in outputs]) for k in outputs[0].stats}
     tensors = {"x": torch.cat([o.x for o in outputs]), "y": torch.cat([o.y for o in outputs]).long(),
-               "label": gen.y[positions].long(), "index": gen.indices[positions].long(),
+               "label": job.y[positions].long(), "index": job.indices[positions].long(),
                **{f"stat.{k}": v for k, v in stats.items()}}
     seconds = time.perf_counter() - started
-    info = {"examples": len(positions), "seconds": seconds, "image_steps": len(positions) * gen.recipe.steps,
+    info = {"examples": len(positions), "seconds": seconds, "image_steps": len(positions) * job.recipe.steps,
             "stat_sums": {k: float(v.double().sum()) for k, v in stats.items()}}
     return tensors, info
 
 
-def make_manifest(gen: Generation, description: dict, key: str, infos: list[dict]) -> dict:
+def make_manifest(job: GenerationJob, description: dict, key: str, infos: list[dict]) -> dict:
     n = sum(i["examples"] for i in infos)
     seconds = sum(i["seconds"] for i in infos)
     steps = sum(i["image_steps"] for i in infos)
@@ -209,7 +231,7 @@ def make_manifest(gen: Generation, description: dict, key: str, infos: list[dict
     return {
         "key": key,
         **description,
-        "sources": [s.describe() for s in gen.sources],
+        "sources": [s.describe() for s in job.sources],
         "examples": n,
         "shards": [{k: i[k] for k in ("file", "sha256", "examples", "bytes")} for i in infos],
         "bytes": sum(i["bytes"] for i in infos),
@@ -220,41 +242,41 @@ def make_manifest(gen: Generation, description: dict, key: str, infos: list[dict
     }
 
 
-def estimated_bytes(gen: Generation, examples: int) -> int:
+def estimated_bytes(job: GenerationJob, examples: int) -> int:
     """Disk space ``examples`` constructed examples need: float32 images, three int64 fields, the statistics."""
-    return examples * (gen.x[0].numel() * 4 + 3 * 8 + 16 * 4)
+    return examples * (job.x[0].numel() * 4 + 3 * 8 + 16 * 4)
 
 
-def preflight(gen: Generation, store: ShardStore, shards: list[range], todo: list[int]) -> None:
+def preflight(job: GenerationJob, store: ShardStore, shards: list[range], todo: list[int]) -> None:
     """Fail before any generation work if the cache directory is unwritable or too full for the shards still
     to write: ours (``todo``) and those of other ranks not recorded yet (they share the disk)."""
     ours = set(todo)
     missing = sum(len(s) for i, s in enumerate(shards) if i in ours or not store.info_path(i).is_file())
     factor, extra = SPACE_MARGIN
-    check_output_dir(store.dir, int(estimated_bytes(gen, missing) * factor) + extra,
+    check_output_dir(store.dir, int(estimated_bytes(job, missing) * factor) + extra,
                      what=f"the constructed dataset ({missing} examples still to generate)",
                      fix="Make it writable or free space on its disk, or pass cache_dir=<a writable directory on a "
                          "disk with room, shared by all ranks> (data.init_args.cache_dir in a config).")
 
 
-def generate_missing(gen: Generation, store: ShardStore, shards: list[range], todo: list[int], rank: int) -> int:
+def generate_missing(job: GenerationJob, store: ShardStore, shards: list[range], todo: list[int], rank: int) -> int:
     """Generate the shards ``todo`` unless another process finishes them first; the examples generated here.
 
     Shards whose lock is free are done first; those another job is generating are waited for afterwards and
     then reused (or generated, if that job died)."""
-    models = [s.model.to(gen.device) for s in gen.sources]
-    if gen.channels_last:
+    models = [s.model.to(job.device) for s in job.sources]
+    if job.spec.channels_last:
         models = [m.to(memory_format=torch.channels_last) for m in models]
     generated = 0
-    batches = {i: -(-len(shards[i]) // gen.batch_size) for i in todo}
-    with Progress(disable=not gen.progress or rank != 0) as progress:
+    batches = {i: -(-len(shards[i]) // job.spec.batch_size) for i in todo}
+    with Progress(disable=not job.progress or rank != 0) as progress:
         task = progress.add_task(f"generating {store.dir.name}", total=sum(batches.values()))
 
         def ensure(i: int) -> int:  # call with shard i's lock held
             if store.finished_shard(i) is not None:  # another process finished it meanwhile
                 progress.advance(task, batches[i])
                 return 0
-            tensors, info = generate_shard(gen, models, shards[i], lambda: progress.advance(task))
+            tensors, info = generate_shard(job, models, shards[i], lambda: progress.advance(task))
             store.write_shard(i, tensors, {**info, "rank": rank})
             return len(shards[i])
 
@@ -274,20 +296,20 @@ def generate_missing(gen: Generation, store: ShardStore, shards: list[range], to
     return generated
 
 
-def construct(gen: Generation, cache_dir: str | Path) -> ConstructedSet:
+def construct(job: GenerationJob, cache_dir: str | Path) -> ConstructedSet:
     """Generate (or load from the cache) the constructed set; see the module docstring."""
-    check_ranks_agree_on_threads(gen)  # before the key: it depends on the thread count
-    description = gen.description()
+    check_ranks_agree_on_threads(job)  # before the key: it depends on the thread count
+    description = job.description()
     key = cache_key(description)
-    store = ShardStore(Path(cache_dir) / f"{gen.recipe.name}-{key}")
+    store = ShardStore(Path(cache_dir) / f"{job.recipe.name}-{key}")
     rank, world = world_info()
-    shards = shard_ranges(len(gen.y), gen.shard_size)
+    shards = shard_ranges(len(job.y), job.spec.shard_size)
     # No warnings yet: another job may be writing some of these shards; they are checked again under the lock.
     todo = [i for i in range(rank, len(shards), world) if store.finished_shard(i, warn=False) is None]
     generated = 0
     if todo:
-        preflight(gen, store, shards, todo)
-        generated = generate_missing(gen, store, shards, todo, rank)
+        preflight(job, store, shards, todo)
+        generated = generate_missing(job, store, shards, todo, rank)
     barrier()
     if rank == 0:  # every shard was verified or written by its owner; load() checks the bytes again
         infos = [store.record(i) for i in range(len(shards))]
@@ -301,7 +323,7 @@ def construct(gen: Generation, cache_dir: str | Path) -> ConstructedSet:
         if not current(store.read_manifest()):
             with store.lock("manifest"):
                 if not current(store.read_manifest(warn=False)):  # another job may have written it meanwhile
-                    store.write_manifest(make_manifest(gen, description, key, infos))
+                    store.write_manifest(make_manifest(job, description, key, infos))
         store.sweep_locks()  # a killed run leaves its lock files behind
     barrier()
     return load(store, generated=generated)

@@ -1,8 +1,8 @@
 """Recipes of the constructed datasets: what happens to one batch of training images.
 
 A recipe maps ``(source models, Batch) -> RecipeOutput(x_new, y_new, stats)``. Everything else (sharding,
-per-example seeds, the cache, resume, logging) is the engine's job (``datamodules/constructed/``), so a new
-dataset is one small class here. Each example's randomness comes from its own generator
+per-example seeds, the cache, resume, logging) is the engine's job (``engine.py`` and ``store.py`` beside this
+file), so a new dataset is one small class here. Each example's randomness comes from its own generator
 (``Batch.generators``), seeded from the generation seed and the example's index in the original training
 set: a recipe never draws from a shared stream, so the output does not depend on batching or world size.
 
@@ -86,6 +86,13 @@ class Recipe:
     def describe(self) -> dict:
         """A plain, JSON-able description (for hyperparameters and the manifest)."""
         return {"name": self.name, **self.config()}
+
+    def class_path(self) -> str:
+        """The class as configs name it: ``datamodules.<Class>`` for the recipes of this module (the package
+        exports them), the full module path for any other."""
+        cls = type(self)
+        module = "datamodules" if cls.__module__ == __name__ else cls.__module__
+        return f"{module}.{cls.__qualname__}"
 
     def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
         raise NotImplementedError

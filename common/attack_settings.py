@@ -1,0 +1,13 @@
+"""Published attack settings that several layers name (the datasets' configs are checked against them, the
+measurements attack with them, the report prints them): one table, no heavy imports."""
+
+# Nakkiran's targeted attacks (SPEC 4.1-4.2), targets t = (y + 1) mod 10, no random start.
+NAKKIRAN_STEPS = 10
+NAKKIRAN_ATTACKS = {"l2": {"eps": 2.5, "step_size": 0.5}, "linf": {"eps": 8 / 255, "step_size": 2 / 255}}
+
+
+def eps_text(norm: str, eps: float) -> str:
+    """``2.5`` for L2, ``8/255`` for Linf (in 1/255 units when that is a whole number)."""
+    if norm == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:g}"
