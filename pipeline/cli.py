@@ -5,6 +5,7 @@
     python train.py reproduce --preset mini --only transfer      # one stage and what it needs
     python train.py reproduce --preset mini --force standard     # rerun standard and everything downstream
     python train.py reproduce --preset paper --trainer.accelerator gpu --trainer.devices 8 --trainer.strategy ddp
+    python train.py reproduce --preset paper --rehearse          # the paper graph at CPU sizes, end to end
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument("--stage-args", default="", metavar="ARGS",
                    help="extra arguments for every train.py command, e.g. \"--trainer.devices 8\"")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run the paper preset end to end at reduced sizes (same networks, losses, threat models, "
+                        "optimisers, precision; fewer epochs, images and steps) to prove it before a GPU run")
     p.add_argument("--no-report", action="store_true", help="do not write results.md / results.json / figures")
     return p
 
@@ -45,11 +49,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser().error(f"unrecognised arguments {' '.join(stray)} (only --trainer.* pass through to the stages; "
                        "use --stage-args for anything else)")
     extra = [*unknown, *shlex.split(args.stage_args)]
-    out = args.out or f"runs/reproduce/{args.preset}"
+    name = f"{args.preset}-rehearsal" if args.rehearse else args.preset  # keys, report and folder say it
+    out = args.out or f"runs/reproduce/{name}"
     try:
         check_creatable_dir(out, "--out")
-        stages = preset(args.preset)
-        runner = Runner(stages, out, preset=args.preset, extra_args=extra, force=args.force, only=args.only)
+        stages = preset(args.preset, rehearse=args.rehearse)
+        runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only)
         t0 = time.monotonic()
         checked = runner.check_commands()  # a typo stops here, before anything is run or written
         print(f"checked {checked} commands of {len(runner.selected)} stages in {time.monotonic() - t0:.0f} s: "
@@ -68,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if not args.no_report:
                     from pipeline.report import write_report
 
-                    written = write_report(out, stages, args.preset)
+                    written = write_report(out, stages, name, rehearsal=args.rehearse)
                     print(f"report: {written['results.md']}")
     except UserError as err:  # PipelineError, StageError, ConfigError: the message says it all
         print(f"reproduce: {err}", file=sys.stderr)

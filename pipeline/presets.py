@@ -22,7 +22,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 
 from common.errors import ConfigError
 from pipeline.stages import (
@@ -161,13 +162,46 @@ def tiny() -> list[Stage]:
     ]
 
 
+# The paper preset's rehearsal (`reproduce --preset paper --rehearse`): the same graph, networks, losses, threat
+# models, optimisers, schedules' shapes and precision, with only sizes cut so that it runs on a CPU. Our choices
+# (not the papers'): 1 epoch (squares: 2, so its two networks differ) of 2 batches of 256 training images, one
+# validation and one test batch of 100, 2 steps for every attack and inversion, 20 images per attack evaluation.
+REHEARSAL_TRAIN = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                   "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+                   "--data.init_args.train_size", "256", "--data.init_args.eval_batch_size", "100")
+REHEARSAL_EXPERIMENT = {  # by the experiment's config name; every other train stage: the overlay alone
+    "squares": ("--config", "configs/ci/rehearsal_squares.yaml", "--trainer.max_epochs", "2",
+                "--data.init_args.test_size", "100"),
+    "adversarial_l2": ("--config", "configs/ci/rehearsal.yaml", "--model.init_args.steps", "2"),
+    **{name: ("--config", "configs/ci/rehearsal.yaml", "--data.init_args.recipe.init_args.steps", "2")
+       for name in ("d_rand", "d_det", "d_robust", "d_nonrobust", *(f"{kind}_ddet_{n}" for kind in ("nakkiran", "pgd")
+                                                                      for n in NORMS))},
+}
+REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "20", "--steps", "2"),
+                                                    "figure3": ("--examples", "20")}
+
+
+def rehearsal(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` with the rehearsal's overrides appended (a later value of an option wins)."""
+    def cut(stage: Stage) -> tuple[str, ...]:
+        if stage.kind == "measure":
+            return REHEARSAL_MEASURE[stage.measure]
+        experiment = stage.config.rsplit("/", 1)[-1].removesuffix(".yaml")
+        return (*REHEARSAL_TRAIN, *REHEARSAL_EXPERIMENT.get(experiment, ("--config", "configs/ci/rehearsal.yaml")))
+
+    return [dataclasses.replace(s, overrides=(*s.overrides, *cut(s))) for s in stages]
+
+
 PRESETS: dict[str, Callable[[], list[Stage]]] = {"mini": mini, "paper": paper, "tiny": tiny}
 
 
-def preset(name: str) -> list[Stage]:
-    """The checked stage graph of a preset."""
+def preset(name: str, *, rehearse: bool = False) -> list[Stage]:
+    """The checked stage graph of a preset (``rehearse``: at the rehearsal's sizes, paper preset only)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if rehearse and name != "paper":
+        raise ConfigError(f"--rehearse rehearses the paper preset at reduced sizes; {name!r} is small already. "
+                          "Use --preset paper --rehearse")
     stages = PRESETS[name]()
     check_graph(stages)
-    return stages
+    return rehearsal(stages) if rehearse else stages

@@ -32,12 +32,18 @@ def verdict(row: dict) -> str:
     return {True: "yes", False: "**no**", None: "not run"}[row["holds"]]
 
 
+REHEARSAL_BANNER = ("**This is a rehearsal**: the paper preset's graph, networks, losses, threat models, optimisers "
+                    "and precision at reduced sizes (pipeline/presets.py, REHEARSAL_*), run to prove that every "
+                    "stage works. Its numbers say nothing about the papers' claims.")
+
+
 def markdown(preset: str, reproduction: str | None, records: dict[str, dict | None], rows: list[dict],
-             made: dict[str, Path], out: Path) -> str:
+             made: dict[str, Path], out: Path, rehearsal: bool = False) -> str:
     done = [n for n, r in records.items() if r]
     held = [r["holds"] for r in rows if r["claim"]]
     lines = [
         f"# Reproduction `{reproduction or '?'}` (preset `{preset}`)", "",
+        *([REHEARSAL_BANNER, ""] if rehearsal else []),
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the `stage.json` files in `{out}`: "
         f"{len(done)} of {len(records)} stages finished. Claims: {held.count(True)} hold, "
         f"{held.count(False)} do not, {held.count(None)} not run. Paper numbers are the published ones; "
@@ -67,7 +73,7 @@ def markdown(preset: str, reproduction: str | None, records: dict[str, dict | No
     return "\n".join(lines)
 
 
-def write_report(out: str | Path, stages: Sequence[Stage], preset: str) -> dict[str, Path]:
+def write_report(out: str | Path, stages: Sequence[Stage], preset: str, rehearsal: bool = False) -> dict[str, Path]:
     """Write results.json, results.md and the figures from what has finished in ``out``; their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,8 @@ def write_report(out: str | Path, stages: Sequence[Stage], preset: str) -> dict[
     made = figures.write_figures(records, out / "figures")
     reproduction = (read_json(out / REPRODUCTION_JSON) or {}).get("id")
     summary = {
-        "preset": preset, "reproduction": reproduction, "generated": datetime.now(timezone.utc).isoformat(),
+        "preset": preset, "rehearsal": rehearsal, "reproduction": reproduction,
+        "generated": datetime.now(timezone.utc).isoformat(),
         "report_versions": versions(),
         "stages": {s.name: {"status": "done", **records[s.name]} if records[s.name] else
                    {"status": "not run", "config": s.config, "overrides": list(s.overrides), "seed": seed_of(s)}
@@ -86,6 +93,6 @@ def write_report(out: str | Path, stages: Sequence[Stage], preset: str) -> dict[
     }
     write_json_atomic(out / "results.json", json.loads(json.dumps(summary, default=str)))
     md = out / "results.md"
-    md.with_name("results.md.tmp").write_text(markdown(preset, reproduction, records, rows, made, out))
+    md.with_name("results.md.tmp").write_text(markdown(preset, reproduction, records, rows, made, out, rehearsal))
     md.with_name("results.md.tmp").replace(md)
     return {"results.json": out / "results.json", "results.md": md, **made}

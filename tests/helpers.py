@@ -67,7 +67,7 @@ def train_tiny(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> 
 
 def parsed_config(argv: list[str]) -> dict:
     """The config a ``train.py`` command (``["fit", "--config", ...]``) resolves to, as the suite's CLI parses it
-    (defaults filled in, ``--run_dir`` applied), with nothing built or loaded."""
+    (defaults filled in, ``--run_dir`` applied), with nothing built or loaded; without the list of config files."""
     from lightning_modules import cli
 
     grabbed: list[dict] = []
@@ -77,7 +77,7 @@ def parsed_config(argv: list[str]) -> dict:
             try:
                 super().before_instantiate_classes()
             except cli.ParsedOnly:
-                grabbed.append(self.config[self.subcommand].as_dict())
+                grabbed.append({k: v for k, v in self.config[self.subcommand].as_dict().items() if k != "config"})
                 raise
 
     with contextlib.suppress(cli.ParsedOnly):

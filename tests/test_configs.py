@@ -153,3 +153,40 @@ def test_mini_helpers_train_briefly_without_sweeps_and_main_stages_keep_theirs()
     shifted = stage_config("mini", "d_det", "test_shift1")
     assert "RobustAccuracy" not in class_names(shifted["trainer"]["callbacks"])
     assert shifted["data"]["init_args"]["test_label_shift"] == 1
+
+
+REHEARSAL_CUTS = {  # the only keys the rehearsal may change: sizes, steps, epochs, batch limits
+    "trainer/max_epochs", "trainer/limit_train_batches", "trainer/limit_val_batches", "trainer/limit_test_batches",
+    "data/init_args/train_size", "data/init_args/test_size", "data/init_args/eval_batch_size",
+    "data/init_args/recipe/init_args/steps", "model/init_args/steps",
+    *(f"trainer/callbacks/init_args/{k}" for k in ("every_n_epochs", "val_examples", "val_steps", "test_examples",
+                                                   "test_steps", "batch_size", "steps", "sweep_examples")),
+}
+
+
+def differing_keys(a, b, path: str = "") -> set[str]:
+    """Paths (list indices dropped) where two parsed configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k for key in a.keys() | b.keys()
+                for k in differing_keys(a.get(key), b.get(key), f"{path}/{key}".lstrip("/"))}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
+        return {k for x, y in zip(a, b, strict=True) for k in differing_keys(x, y, path)}
+    return set() if a == b else {path}
+
+
+def test_the_rehearsal_is_the_paper_graph_with_only_sizes_cut():
+    paper, rehearsal = preset("paper"), preset("paper", rehearse=True)
+    assert [(s.name, s.deps, s.config, s.base) for s in paper] == [(s.name, s.deps, s.config, s.base)
+                                                                   for s in rehearsal]
+    for full, cut in zip(paper, rehearsal, strict=True):
+        if full.kind == "measure":
+            assert cut.overrides[:len(full.overrides)] == full.overrides  # later values of --examples/--steps win
+            continue
+        changed = differing_keys(parsed_config(dict(commands(full, OUT))["fit"][2:]),
+                                 parsed_config(dict(commands(cut, OUT))["fit"][2:]))
+        assert changed and changed <= REHEARSAL_CUTS, (full.name, changed - REHEARSAL_CUTS)
+
+
+def test_only_the_paper_preset_is_rehearsed():
+    with pytest.raises(ValueError, match="--rehearse rehearses the paper preset"):
+        preset("mini", rehearse=True)
