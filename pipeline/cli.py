@@ -6,6 +6,7 @@
     python train.py reproduce --preset mini --force standard     # rerun standard and everything downstream
     python train.py reproduce --preset paper --trainer.accelerator gpu --trainer.devices 8 --trainer.strategy ddp
     python train.py reproduce --preset paper --rehearse          # the paper graph at CPU sizes, end to end
+    python train.py reproduce --preset paper --jobs 8 --trainer.accelerator gpu   # 8 stages at once, a GPU each
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rehearse", action="store_true",
                    help="run the paper preset end to end at reduced sizes (same networks, losses, threat models, "
                         "optimisers, precision; fewer epochs, images and steps) to prove it before a GPU run")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run up to N independent stages at once, each on its own slice of the machine (a disjoint "
+                        "set of GPUs on a GPU host, a share of the CPU threads otherwise); default 1")
     p.add_argument("--no-report", action="store_true", help="do not write results.md / results.json / figures")
     return p
 
@@ -54,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         check_creatable_dir(out, "--out")
         stages = preset(args.preset, rehearse=args.rehearse)
-        runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only)
+        runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only,
+                        jobs=args.jobs)
         t0 = time.monotonic()
         checked = runner.check_commands()  # a typo stops here, before anything is run or written
         print(f"checked {checked} commands of {len(runner.selected)} stages in {time.monotonic() - t0:.0f} s: "

@@ -21,8 +21,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -60,6 +62,20 @@ class StageFailed(PipelineError):
         )
 
 
+_RUNNING: set[subprocess.Popen] = set()  # children of run_subprocess, for stop_children
+_RUNNING_LOCK = threading.Lock()
+
+
+def stop_children() -> None:
+    """Terminate every command :func:`run_subprocess` is waiting on (the concurrent runner's Ctrl-C / SIGTERM /
+    first failure: the threads that wait on them then return)."""
+    with _RUNNING_LOCK:
+        children = list(_RUNNING)
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+
+
 def run_subprocess(argv: list[str], log: Path, env: dict) -> int:
     """Run ``argv`` with stdout and stderr appended to ``log``; the exit code. If the pipeline stops while the
     command runs (Ctrl-C, or SIGTERM under :func:`exit_on_sigterm`), the command is stopped too: an orphaned
@@ -68,6 +84,8 @@ def run_subprocess(argv: list[str], log: Path, env: dict) -> int:
         f.write(f"\n$ {shlex.join(argv)}\n")
         f.flush()
         child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        with _RUNNING_LOCK:
+            _RUNNING.add(child)
         try:
             return child.wait()
         finally:
@@ -78,6 +96,39 @@ def run_subprocess(argv: list[str], log: Path, env: dict) -> int:
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
+            with _RUNNING_LOCK:
+                _RUNNING.discard(child)
+
+
+def machine_slices(jobs: int, cpu_threads: int | None = None, gpus: int | None = None) -> list[dict[str, str]]:
+    """The environment of each of ``jobs`` concurrent stages: a disjoint share of the CPU threads
+    (``OMP_NUM_THREADS``, which torch reads at start) and, on a GPU host, a disjoint set of GPUs
+    (``CUDA_VISIBLE_DEVICES``, contiguous, as many per stage as divide evenly)."""
+    if jobs < 1:
+        raise PipelineError(f"--jobs must be >= 1, got {jobs}")
+    cpu_threads = cpu_threads or os.cpu_count() or 1
+    if gpus is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = len([d for d in visible.split(",") if d.strip()]) if visible is not None else _cuda_device_count()
+    if gpus and gpus < jobs:
+        raise PipelineError(f"--jobs {jobs} needs at least {jobs} GPUs (one set per running stage); this host has "
+                            f"{gpus}. Use --jobs {gpus} or fewer")
+    slices = []
+    for slot in range(jobs):
+        env = {"OMP_NUM_THREADS": str(max(1, cpu_threads // jobs))}
+        if gpus:
+            per = gpus // jobs
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(slot * per, (slot + 1) * per))
+        slices.append(env)
+    return slices
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch  # only to count GPUs; the stages import it themselves
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
 
 
 @contextmanager
@@ -142,7 +193,8 @@ class Runner:
 
     def __init__(self, stages: Sequence[Stage], out: str | Path, *, preset: str, extra_args: Sequence[str] = (),
                  force: Sequence[str] = (), only: Sequence[str] = (), execute: Execute = run_subprocess,
-                 preflight: Preflight | None = command_error, echo: Callable[[str], None] = print) -> None:
+                 preflight: Preflight | None = command_error, echo: Callable[[str], None] = print,
+                 jobs: int = 1, slices: Sequence[dict[str, str]] | None = None) -> None:
         """
         Args:
             extra_args: appended to every ``train.py`` command (e.g. ``--trainer.devices 8``); part of the keys.
@@ -152,6 +204,8 @@ class Runner:
             preflight: the error a command would stop with, or None (default: parse it with the command's own
                 parser); every command of every selected stage is checked before the first runs. None skips it
                 (tests whose fake stages are not real commands).
+            jobs: stages run at once, each as soon as its dependencies are done, each in its own slice of the
+                machine (``slices``, default :func:`machine_slices`); 1: one after another, in order.
         """
         self.stages, self.out, self.preset = list(stages), Path(out), preset
         self.extra_args, self.force, self.execute, self.echo = list(extra_args), set(force), execute, echo
@@ -169,6 +223,10 @@ class Runner:
         if outside := self.force - wanted:
             raise PipelineError(f"--force {' '.join(sorted(outside))}: not among the stages selected by --only")
         self._versions: dict | None = None
+        self.jobs = jobs
+        self.slices = list(slices) if slices is not None else (machine_slices(jobs) if jobs > 1 else [{}])
+        if len(self.slices) < jobs:
+            raise PipelineError(f"{jobs} jobs need {jobs} machine slices, got {len(self.slices)}")
 
     # ------------------------------------------------------------------------------------------- decisions
 
@@ -249,7 +307,7 @@ class Runner:
         self.check_commands()
         reproduction = self.reproduction_id()
         with exclusive(self.out / LOCK):
-            return self._run_all(reproduction)
+            return self._run_all(reproduction) if self.jobs == 1 else self._run_concurrently(reproduction)
 
     def _run_all(self, reproduction: str) -> dict[str, dict]:
         records = {}
@@ -265,6 +323,55 @@ class Runner:
             self.echo(f"{prefix} done in {records[stage.name]['timings']['total'] / 60:.1f} min")
         return records
 
+    def _run_concurrently(self, reproduction: str) -> dict[str, dict]:
+        """Up to ``jobs`` stages at once, each started as soon as its dependencies are done, each with its own
+        machine slice (environment) and its own folder; the first failure, Ctrl-C or SIGTERM stops the others
+        (their attempts resume or rerun next time, as after a kill)."""
+        records: dict[str, dict] = {}
+        waiting = list(self.selected)
+        free = list(range(self.jobs))
+        running: dict[Future, tuple[Stage, int]] = {}
+        total = len(self.selected)
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            try:
+                while waiting or running:
+                    cached_now = False
+                    for stage in [s for s in waiting if all(d in records for d in s.deps)]:
+                        decision = self.decide(stage, self._dep_ids(stage))
+                        prefix = f"[{self.selected.index(stage) + 1}/{total}] {stage.name}:"
+                        if decision.action == "cached":
+                            waiting.remove(stage)
+                            self.echo(f"{prefix} cached ({decision.reason})")
+                            records[stage.name] = read_json(stage_dir(self.out, stage.name) / STAGE_JSON)
+                            cached_now = True
+                            continue
+                        if not free:
+                            break
+                        waiting.remove(stage)
+                        slot = free.pop(0)
+                        where = " ".join(f"{k}={v}" for k, v in self.slices[slot].items())
+                        self.echo(f"{prefix} {decision.action} ({decision.reason}) on slice {slot} ({where}); "
+                                  f"log: {stage_dir(self.out, stage.name) / LOG}")
+                        running[pool.submit(self._run_stage, decision, reproduction, self.slices[slot])] = (
+                            stage, slot)
+                    if cached_now:
+                        continue  # what waited on the cached stages may be ready now: look again
+                    if not running:
+                        if waiting:  # cannot happen for a checked graph: dependencies come first
+                            raise PipelineError(f"stages {[s.name for s in waiting]} wait on stages that never ran")
+                        break
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        stage, slot = running.pop(future)
+                        free.append(slot)
+                        records[stage.name] = future.result()  # StageFailed: stop the others (below)
+                        prefix = f"[{self.selected.index(stage) + 1}/{total}] {stage.name}:"
+                        self.echo(f"{prefix} done in {records[stage.name]['timings']['total'] / 60:.1f} min")
+            except BaseException:
+                stop_children()
+                raise
+        return records
+
     def reproduction_id(self) -> str:
         """One id per OUT folder (kept across reruns): the wandb group of every stage."""
         path = self.out / REPRODUCTION_JSON
@@ -278,7 +385,7 @@ class Runner:
                                 f"{self.preset!r}: choose another --out")
         return info["id"]
 
-    def _run_stage(self, decision: Decision, reproduction: str) -> dict:
+    def _run_stage(self, decision: Decision, reproduction: str, machine_slice: dict[str, str] | None = None) -> dict:
         stage, directory = decision.stage, stage_dir(self.out, decision.stage.name)
         resume = decision.action == "resume"
         if not resume:
@@ -288,7 +395,8 @@ class Runner:
         started, start = now(), time.monotonic()
         write_json_atomic(directory / ATTEMPT_JSON, {"key": decision.key, "started": started})
         env = {**os.environ, "WANDB_RUN_GROUP": reproduction, "WANDB_JOB_TYPE": stage.name,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               **(machine_slice or {})}
         steps = commands(stage, self.out, self.extra_args, resume=resume)
         timings = {}
         for label, argv in steps:
@@ -318,6 +426,7 @@ class Runner:
             "commands": {label: argv for label, argv in steps}, "resumed": resume,
             "results": results, "artifacts": self._artifacts(stage, directory),
             "timings": timings, "started": started, "finished": now(), "versions": self.versions(),
+            "machine_slice": machine_slice or {},
         }
         write_json_atomic(directory / STAGE_JSON, record)
         return record

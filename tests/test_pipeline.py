@@ -462,3 +462,66 @@ def test_reproduce_restores_the_sigterm_handler_it_installs(tmp_path, monkeypatc
         train.main(["reproduce", "--preset", "tiny", "--out", str(tmp_path), "--no-report"])
     assert during and during[0] is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------------------------- concurrent stages
+
+
+class SlowFakeRun(FakeRun):
+    """A FakeRun whose commands take a moment, recording when each ran and with which environment."""
+
+    def __init__(self, fail: dict[str, int] | None = None, seconds: float = 0.3) -> None:
+        super().__init__(fail)
+        self.seconds, self.spans, self.lock = seconds, {}, __import__("threading").Lock()
+
+    def __call__(self, argv: list[str], log: Path, env: dict) -> int:
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        with self.lock:
+            code = super().__call__(argv, log, env)
+            stage, step = self.calls[-1][:2]
+            self.spans[(stage, step)] = (start, time.monotonic(), env.get("OMP_NUM_THREADS"))
+        return code
+
+
+def run_jobs(graph, out, jobs: int, **kw):
+    fake = SlowFakeRun(kw.pop("fail", None))
+    slices = [{"OMP_NUM_THREADS": str(10 + slot)} for slot in range(jobs)]
+    records = Runner(graph, out, preset="test", execute=fake, preflight=None, echo=lambda _: None, jobs=jobs,
+                     slices=slices).run()
+    return fake, records
+
+
+def test_independent_stages_run_side_by_side_each_on_its_own_slice(graph, tmp_path):
+    fake, records = run_jobs(graph, tmp_path / "jobs", 2)
+    spans = fake.spans
+    # d depends on nothing: it runs while a runs, on the other slice; b starts only after a's fit.
+    a, d = spans[("a", "fit")], spans[("d", "fit")]
+    assert a[0] < d[1] and d[0] < a[1] and {a[2], d[2]} == {"10", "11"}
+    assert spans[("b", "fit")][0] >= spans[("a", "test")][1]
+    assert spans[("c", "measure")][0] >= spans[("b", "test_shift1")][1]
+    assert sorted(records) == ["a", "b", "c", "d"] and records["d"]["machine_slice"]["OMP_NUM_THREADS"] in ("10", "11")
+    # The same graph one stage at a time gives the same records, apart from run ids, times and slices.
+    _, sequential = run(graph, tmp_path / "one")
+    for name in records:
+        assert records[name]["results"] == sequential[name]["results"]
+        assert records[name]["key"] != "" and records[name]["overrides"] == sequential[name]["overrides"]
+    # A rerun is cached, with jobs as without.
+    again, _ = run_jobs(graph, tmp_path / "jobs", 2)
+    assert again.calls == []
+
+
+def test_a_failing_stage_stops_the_concurrent_run_and_what_depends_on_it(graph, tmp_path):
+    with pytest.raises(StageFailed, match="stage 'a' failed"):
+        run_jobs(graph, tmp_path, 2, fail={"a": 3})
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # never started
+
+
+def test_machine_slices_split_threads_and_gpus_disjointly():
+    from pipeline.runner import machine_slices
+
+    assert machine_slices(2, cpu_threads=2, gpus=0) == [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1"}]
+    gpus = [s["CUDA_VISIBLE_DEVICES"] for s in machine_slices(4, cpu_threads=32, gpus=8)]
+    assert gpus == ["0,1", "2,3", "4,5", "6,7"]
+    with pytest.raises(PipelineError, match="--jobs 10 needs at least 10 GPUs .* this host has 8"):
+        machine_slices(10, cpu_threads=32, gpus=8)
