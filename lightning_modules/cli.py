@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -305,6 +306,27 @@ class _ParseOnlyCLI(SuiteCLI):
 
     def _set_seed(self) -> None:  # seeding is running, and it prints a line per command
         pass
+
+
+def resolved_config(args: Sequence[str]) -> dict:
+    """The config a ``train.py`` command (``fit --config ...``) resolves to, as a plain dict: parsed by the CLI's
+    own parser with defaults and ``--run_dir`` applied, nothing built or loaded (raises :class:`CommandError` or
+    the user error the command would stop with)."""
+    resolved: list[dict] = []
+
+    class Resolve(_ParseOnlyCLI):
+        def before_instantiate_classes(self) -> None:
+            try:
+                super().before_instantiate_classes()
+            except ParsedOnly:
+                config = self.config[self.subcommand].as_dict()
+                resolved.append({k: v for k, v in config.items() if k != "config"})
+                raise
+
+    check_config_files(list(args))
+    with contextlib.suppress(ParsedOnly):
+        build_cli(args, Resolve, _ParseOnlyParser)
+    return resolved[0]
 
 
 def check_command(args: Sequence[str]) -> str | None:

@@ -42,8 +42,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run up to N independent stages at once, each on its own slice of the machine (a disjoint "
                         "set of GPUs on a GPU host, a share of the CPU threads otherwise); default 1")
+    p.add_argument("--rate-tflops", type=float, default=None, metavar="R",
+                   help="--dry-run: the device rate the time estimate assumes, in TFLOP/s (default: this machine's "
+                        "fp32 matrix-multiply rate, measured)")
     p.add_argument("--no-report", action="store_true", help="do not write results.md / results.json / figures")
     return p
+
+
+def print_cost(runner: Runner, extra: Sequence[str], rate_tflops: float | None) -> None:
+    """Per stage, the FLOPs it will take and the time they imply at a stated rate (pipeline/cost.py)."""
+    from pipeline import cost
+
+    rate = rate_tflops * 1e12 if rate_tflops else cost.matmul_rate()
+    source = "stated with --rate-tflops" if rate_tflops else "this machine's fp32 matmul rate, measured now"
+    flops = cost.reproduction_flops(runner.selected, runner.out, extra)
+    print(f"\ncompute (a floor: {cost.PASSES_PER_STEP} forward passes per training or attack step, loading and "
+          f"start-up left out) at {rate / 1e12:.2f} TFLOP/s ({source}):")
+    for name, parts in flops.items():
+        detail = ", ".join(f"{k} {cost.human(v)}" for k, v in parts.items() if v)
+        print(f"  {name:<20} {cost.human(sum(parts.values())):>12}  {cost.duration(sum(parts.values()) / rate):>9}"
+              f"  ({detail})")
+    total = sum(sum(parts.values()) for parts in flops.values())
+    print(f"  {'all':<20} {cost.human(total):>12}  {cost.duration(total / rate):>9}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -70,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if decision.action in ("run", "resume"):
                     for label, cmd in commands(decision.stage, runner.out, extra, resume=decision.action == "resume"):
                         print(f"    {label}: {shlex.join(cmd)}")
+            print_cost(runner, extra, args.rate_tflops)
             return {}
         with exit_on_sigterm():
             try:

@@ -3,7 +3,6 @@ constructed data, released-dataset files, and small real-data networks."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -66,23 +65,10 @@ def train_tiny(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> 
 
 
 def parsed_config(argv: list[str]) -> dict:
-    """The config a ``train.py`` command (``["fit", "--config", ...]``) resolves to, as the suite's CLI parses it
-    (defaults filled in, ``--run_dir`` applied), with nothing built or loaded; without the list of config files."""
-    from lightning_modules import cli
+    """The config a ``train.py`` command (``["fit", "--config", ...]``) resolves to (the CLI's own parse)."""
+    from lightning_modules.cli import resolved_config
 
-    grabbed: list[dict] = []
-
-    class Grab(cli._ParseOnlyCLI):
-        def before_instantiate_classes(self) -> None:
-            try:
-                super().before_instantiate_classes()
-            except cli.ParsedOnly:
-                grabbed.append({k: v for k, v in self.config[self.subcommand].as_dict().items() if k != "config"})
-                raise
-
-    with contextlib.suppress(cli.ParsedOnly):
-        cli.build_cli(argv, Grab, cli._ParseOnlyParser)
-    return grabbed[0]
+    return resolved_config(argv)
 
 
 def class_names(components: list[dict] | None) -> list[str]:
