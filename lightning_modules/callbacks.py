@@ -45,6 +45,12 @@ def parse_points(points: Sequence) -> list[Point]:
 # ------------------------------------------------------------------------------------------ accuracy under attack
 
 
+
+# The accuracies are already summed over the ranks (summed_fractions), so every rank logs the same number. Lightning
+# asks for sync_dist on epoch-level values under DDP; syncing with max over equal values returns that number
+# exactly (a mean could round).
+SYNCED = {"sync_dist": True, "reduce_fx": "max"}
+
 class RobustAccuracy(pl.Callback):
     """Robust accuracy during validation (subset) and test (full sweep, table, plot)."""
 
@@ -97,15 +103,15 @@ class RobustAccuracy(pl.Callback):
             return
         acc = self._measure(trainer, pl_module, "val", self.val_points, self.val_examples, self.val_steps)
         for key, value in acc.items():
-            pl_module.log(f"val/robust_acc/{key}", value)
+            pl_module.log(f"val/robust_acc/{key}", value, **SYNCED)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.results = self._measure(trainer, pl_module, "test", self.test_points, self.test_examples,
                                      self.test_steps)
         for key, value in self.results.items():
-            pl_module.log(f"test/robust_acc/{key}", value)
+            pl_module.log(f"test/robust_acc/{key}", value, **SYNCED)
         for (norm, eps), value in self._autoattack(trainer, pl_module).items():
-            pl_module.log(f"test/autoattack_torchattacks/{point_key(norm, eps)}", value)
+            pl_module.log(f"test/autoattack_torchattacks/{point_key(norm, eps)}", value, **SYNCED)
         if trainer.is_global_zero:
             self._report(trainer)
 

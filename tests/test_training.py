@@ -107,3 +107,17 @@ def test_ddp_two_processes_split_data_and_agree_on_metrics(tmp_path):
     two = trainer.test(model, dm, verbose=False)[0]["test/acc"]
     one = tiny_trainer(tmp_path).test(model, dm, verbose=False)[0]["test/acc"]
     assert abs(two - one) < 1e-6
+
+
+def test_robust_accuracy_under_ddp_logs_the_reduced_value_without_a_sync_warning(tmp_path):
+    args = [*experiment_configs("standard"), "--config", str(REPO / "configs/ci/tiny.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--run_dir", str(tmp_path / "run")]
+    fit = run_cli("fit", *args, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "sync_dist" not in fit.stderr  # the value is already reduced over the ranks, and logged as such
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = [r for r in metrics.read_text().splitlines()[1:] if r]
+    header = metrics.read_text().splitlines()[0].split(",")
+    column = header.index("val/robust_acc/l2_0.25")
+    assert any(row.split(",")[column] for row in rows)
