@@ -333,10 +333,7 @@ def check_command(args: Sequence[str]) -> str | None:
     """Parse one ``train.py`` command (``fit --config ...``) with the CLI's own parser, building nothing and
     loading no checkpoint: None if it parses, else the error the command would stop with."""
     try:
-        check_config_files(list(args))
-        build_cli(args, _ParseOnlyCLI, _ParseOnlyParser)
-    except ParsedOnly:
-        return None
+        resolved_config(args)
     except Exception as err:
         user_error = user_error_in(err)
         if user_error is None:
