@@ -112,8 +112,9 @@ class RobustAccuracy(pl.Callback):
             pl_module.log(f"test/robust_acc/{key}", value, **SYNCED)
         for (norm, eps), value in self._autoattack(trainer, pl_module).items():
             pl_module.log(f"test/autoattack_torchattacks/{point_key(norm, eps)}", value, **SYNCED)
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP: every rank must ask
         if trainer.is_global_zero:
-            self._report(trainer)
+            self._report(trainer, out)
 
     def _autoattack(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[Point, float]:
         """Accuracy under torchattacks' AutoAttack at each requested point (summed over ranks)."""
@@ -135,8 +136,7 @@ class RobustAccuracy(pl.Callback):
         fractions = summed_fractions(trainer.strategy, correct, [len(y)] * len(correct), pl_module.device)
         return dict(zip(self.autoattack_points, fractions, strict=True))
 
-    def _report(self, trainer: pl.Trainer) -> None:
-        out = Path(trainer.log_dir or trainer.default_root_dir)
+    def _report(self, trainer: pl.Trainer, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         rows = [{"norm": n, "eps": e, "robust_acc": self.results[point_key(n, e)]} for n, e in self.test_points]
         write_bytes_atomic(out / "robust_accuracy.json",

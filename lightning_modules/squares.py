@@ -163,9 +163,10 @@ class SquaresRobustness(pl.Callback):
                        linear_radius_max=float(radius.max()))
         for key, value in metrics.items():
             pl_module.log(f"test/squares/{key}", value)
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: a DDP broadcast
         if trainer.is_global_zero:
             self.results = self._results(trainer, pl_module, metrics, sweep_keys, time.perf_counter() - start)
-            self._report(trainer)
+            self._report(trainer, out)
 
     def _results(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float],
                  sweep_keys: dict[float, str], seconds: float) -> dict:
@@ -198,8 +199,7 @@ class SquaresRobustness(pl.Callback):
             "seconds": round(seconds, 1),
         }
 
-    def _report(self, trainer: pl.Trainer) -> None:
-        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+    def _report(self, trainer: pl.Trainer, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         data = json.dumps(self.results, indent=1, default=str).encode()
         # squares.json: this measurement (what pipeline/outputs.py reads); squares_<n>epochs.json: kept per

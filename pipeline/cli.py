@@ -7,6 +7,9 @@
     python train.py reproduce --preset paper --trainer.accelerator gpu --trainer.devices 8 --trainer.strategy ddp
     python train.py reproduce --preset paper --rehearse          # the paper graph at CPU sizes, end to end
     python train.py reproduce --preset paper --jobs 8 --trainer.accelerator gpu   # 8 stages at once, a GPU each
+    python train.py reproduce --preset paper --launcher slurm --trainer.accelerator gpu   # inside sbatch/salloc
+    python train.py reproduce --preset paper --launcher torchrun --nodes 2 --devices-per-node 8 --node-rank R \
+        --rdzv-endpoint HOST0:29500 --rdzv-id JOB --trainer.accelerator gpu     # on each node, same --out
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from common.errors import UserError
 from common.files import check_creatable_dir
+from pipeline.launch import LAUNCHERS, follow, from_environment
 from pipeline.presets import PRESETS, preset
-from pipeline.runner import Runner, exit_on_sigterm
+from pipeline.runner import Runner, exit_on_sigterm, run_subprocess
 from pipeline.stages import commands
 
 
@@ -42,6 +47,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run up to N independent stages at once, each on its own slice of the machine (a disjoint "
                         "set of GPUs on a GPU host, a share of the CPU threads otherwise); default 1")
+    launch = p.add_argument_group("launcher (pipeline/launch.py)")
+    launch.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                        help="how train stages start: local (default; Lightning starts the processes of "
+                             "--trainer.devices itself), slurm (srun across the allocation reproduce runs in), "
+                             "torchrun (one agent per node)")
+    launch.add_argument("--nodes", type=int, default=None,
+                        help="nodes of each train stage (slurm: default the allocation's SLURM_JOB_NUM_NODES)")
+    launch.add_argument("--devices-per-node", type=int, default=None, metavar="D",
+                        help="processes (GPUs) per node (slurm: default the allocation's --ntasks-per-node)")
+    launch.add_argument("--node-rank", type=int, default=0, metavar="R",
+                        help="torchrun: this node's rank; 0 leads and writes every record, the others follow it")
+    launch.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                        help="torchrun across nodes: node 0's address and a free port, reachable from every node")
+    launch.add_argument("--rdzv-id", default=None, metavar="ID",
+                        help="torchrun across nodes: the same id on every node (e.g. the job id)")
     p.add_argument("--rate-tflops", type=float, default=None, metavar="R",
                    help="--dry-run: the device rate the time estimate assumes, in TFLOP/s (default: this machine's "
                         "fp32 matrix-multiply rate, measured)")
@@ -72,14 +92,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if stray := [a for a in unknown if a.startswith("-") and not a.startswith("--trainer.")]:
         parser().error(f"unrecognised arguments {' '.join(stray)} (only --trainer.* pass through to the stages; "
                        "use --stage-args for anything else)")
-    extra = [*unknown, *shlex.split(args.stage_args)]
     name = f"{args.preset}-rehearsal" if args.rehearse else args.preset  # keys, report and folder say it
     out = args.out or f"runs/reproduce/{name}"
     try:
+        launch = from_environment(args.launcher, args.nodes, args.devices_per_node, args.node_rank,
+                                  args.rdzv_endpoint, args.rdzv_id)
+        if not launch.leader:  # another node of a torchrun reproduction: join the leader's launches
+            print(f"node {launch.node_rank}: following the launches of node 0 in {out}")
+            if not follow(Path(out), launch.rdzv_id, launch.node_rank, run_subprocess):
+                raise SystemExit(1)
+            return {}
+        extra = [*launch.trainer_args(), *unknown, *shlex.split(args.stage_args)]  # the user's come last: they win
         check_creatable_dir(out, "--out")
         stages = preset(args.preset, rehearse=args.rehearse)
         runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only,
-                        jobs=args.jobs)
+                        jobs=args.jobs, launch=launch)
         t0 = time.monotonic()
         checked = runner.check_commands()  # a typo stops here, before anything is run or written
         print(f"checked {checked} commands of {len(runner.selected)} stages in {time.monotonic() - t0:.0f} s: "

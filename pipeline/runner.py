@@ -34,6 +34,7 @@ from pathlib import Path
 from common.errors import UserError
 from common.files import FileLock, read_json, write_json_atomic
 from pipeline import outputs
+from pipeline.launch import Launch, Publisher
 from pipeline.preflight import command_error
 from pipeline.stages import REPO, Stage, commands, last_checkpoint, seed_of, stage_dir, stage_key
 
@@ -194,7 +195,8 @@ class Runner:
     def __init__(self, stages: Sequence[Stage], out: str | Path, *, preset: str, extra_args: Sequence[str] = (),
                  force: Sequence[str] = (), only: Sequence[str] = (), execute: Execute = run_subprocess,
                  preflight: Preflight | None = command_error, echo: Callable[[str], None] = print,
-                 jobs: int = 1, slices: Sequence[dict[str, str]] | None = None) -> None:
+                 jobs: int = 1, slices: Sequence[dict[str, str]] | None = None, launch: Launch | None = None
+                 ) -> None:
         """
         Args:
             extra_args: appended to every ``train.py`` command (e.g. ``--trainer.devices 8``); part of the keys.
@@ -206,6 +208,8 @@ class Runner:
                 (tests whose fake stages are not real commands).
             jobs: stages run at once, each as soon as its dependencies are done, each in its own slice of the
                 machine (``slices``, default :func:`machine_slices`); 1: one after another, in order.
+            launch: how each command starts (pipeline/launch.py: here, through srun, or through torchrun);
+                its layout arguments must already be among ``extra_args`` (:meth:`Launch.trainer_args`).
         """
         self.stages, self.out, self.preset = list(stages), Path(out), preset
         self.extra_args, self.force, self.execute, self.echo = list(extra_args), set(force), execute, echo
@@ -223,7 +227,12 @@ class Runner:
         if outside := self.force - wanted:
             raise PipelineError(f"--force {' '.join(sorted(outside))}: not among the stages selected by --only")
         self._versions: dict | None = None
-        self.jobs = jobs
+        self.jobs, self.launch = jobs, launch or Launch()
+        if jobs > 1 and self.launch.kind != "local":
+            raise PipelineError(f"--jobs {jobs} with --launcher {self.launch.kind}: stages side by side are for one "
+                                "host (GPU sets or CPU threads); across an allocation every stage takes all its "
+                                "nodes, so use --jobs 1")
+        self._publisher: Publisher | None = None
         self.slices = list(slices) if slices is not None else (machine_slices(jobs) if jobs > 1 else [{}])
         if len(self.slices) < jobs:
             raise PipelineError(f"{jobs} jobs need {jobs} machine slices, got {len(self.slices)}")
@@ -307,7 +316,16 @@ class Runner:
         self.check_commands()
         reproduction = self.reproduction_id()
         with exclusive(self.out / LOCK):
-            return self._run_all(reproduction) if self.jobs == 1 else self._run_concurrently(reproduction)
+            if self.launch.kind == "torchrun" and self.launch.nodes > 1:  # the other nodes follow our launches
+                self._publisher = Publisher(self.out, self.launch.rdzv_id)
+            finished = False
+            try:
+                records = self._run_all(reproduction) if self.jobs == 1 else self._run_concurrently(reproduction)
+                finished = True
+                return records
+            finally:
+                if self._publisher is not None:
+                    self._publisher.end(finished)
 
     def _run_all(self, reproduction: str) -> dict[str, dict]:
         records = {}
@@ -394,20 +412,24 @@ class Runner:
         log = directory / LOG
         started, start = now(), time.monotonic()
         write_json_atomic(directory / ATTEMPT_JSON, {"key": decision.key, "started": started})
-        env = {**os.environ, "WANDB_RUN_GROUP": reproduction, "WANDB_JOB_TYPE": stage.name,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               **(machine_slice or {})}
+        ours = {"WANDB_RUN_GROUP": reproduction, "WANDB_JOB_TYPE": stage.name,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                **(machine_slice or {})}
+        env = {**os.environ, **ours}
         steps = commands(stage, self.out, self.extra_args, resume=resume)
         timings = {}
         for label, argv in steps:
             if label != "fit":  # a test / measure output of an earlier attempt must not be read as this one's
                 shutil.rmtree(directory / label, ignore_errors=True)
                 (directory / MEASURE_JSON).unlink(missing_ok=True)
+            launched = self.launch.wrap(argv, stage.kind, f"{decision.key[:16]}-{label}-{time.time_ns()}")
+            if self._publisher is not None and stage.kind == "train":
+                self._publisher.publish(stage.name, launched, ours)
             t0 = time.monotonic()
-            code = self.execute(argv, log, env)
+            code = self.execute(launched, log, env)
             timings[label] = round(time.monotonic() - t0, 2)
             if code != 0:
-                raise StageFailed(stage.name, label, code, log, argv)
+                raise StageFailed(stage.name, label, code, log, launched)
             if label == "fit" and not last_checkpoint(self.out, stage.name).is_file():
                 raise StageFailed(stage.name, label, code, log, argv, why=(
                     f"fit wrote no {last_checkpoint(self.out, stage.name)}: its config needs a "
@@ -426,7 +448,7 @@ class Runner:
             "commands": {label: argv for label, argv in steps}, "resumed": resume,
             "results": results, "artifacts": self._artifacts(stage, directory),
             "timings": timings, "started": started, "finished": now(), "versions": self.versions(),
-            "machine_slice": machine_slice or {},
+            "machine_slice": machine_slice or {}, "launch": self.launch.describe(),
         }
         write_json_atomic(directory / STAGE_JSON, record)
         return record
