@@ -22,6 +22,7 @@ from rich.progress import track
 from torch import nn
 
 from attacks import eval_mode, point_key, robust_accuracy
+from common import progress
 from common.errors import ConfigError
 from common.figures import log_figure, pyplot, save_figure
 from common.files import write_bytes_atomic
@@ -92,8 +93,11 @@ class RobustAccuracy(pl.Callback):
         options = dict(steps=steps, batch_size=self.batch_size, autocast_dtype=torch.bfloat16 if bf16 else None,
                        channels_last=bool(pl_module.hparams.get("channels_last", False)))
         acc = {}
-        for point in track(points, description=f"{split} accuracy under attack", disable=not trainer.is_global_zero):
+        for i, point in enumerate(track(points, description=f"{split} accuracy under attack",
+                                        disable=not trainer.is_global_zero)):
             acc.update(robust_accuracy(pl_module.model, as_float_images(x), y, [point], **options))
+            if trainer.is_global_zero:
+                progress.report(f"{split} accuracy under attack", i + 1, len(points), "points", force=True)
         fractions = summed_fractions(trainer.strategy, [acc[point_key(*p)] * len(y) for p in points],
                                      [len(y)] * len(points), pl_module.device)
         return {point_key(*p): f for p, f in zip(points, fractions, strict=True)}

@@ -30,6 +30,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from common.errors import USER_ERROR_EXIT_CODE, ConfigError, show_tracebacks, user_error_in
 from common.files import check_creatable_dir
+from lightning_modules.trainer import Trainer
 from models.checkpoints import LIGHTNING_SPECIAL_PATHS, check_class_path, check_network, read_checkpoint
 
 # Attacks run inside validate/test, and torch.inference_mode cannot be undone by enable_grad (spec 7).
@@ -272,6 +273,7 @@ def build_cli(args: Sequence[str] | None = None, cli_class: type[SuiteCLI] = Sui
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_class=Trainer,  # precision: auto
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         parser_class=parser_class,

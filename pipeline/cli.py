@@ -2,6 +2,7 @@
 
     python train.py reproduce --preset mini                      # everything; a rerun skips finished stages
     python train.py reproduce --preset mini --dry-run            # what would run, and why
+    python train.py reproduce --status --out runs/reproduce/mini  # what a run has done, is doing, has left
     python train.py reproduce --preset mini --only transfer      # one stage and what it needs
     python train.py reproduce --preset mini --force standard     # rerun standard and everything downstream
     python train.py reproduce --preset paper --trainer.accelerator gpu --trainer.devices 8 --trainer.strategy ddp
@@ -32,7 +33,10 @@ from pipeline.stages import commands
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python train.py reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the stage graph (pipeline/presets.py)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the stage graph (pipeline/presets.py)")
+    p.add_argument("--status", action="store_true",
+                   help="print what the reproduction in --out has done, is doing and has left, from its files "
+                        "(from another terminal, or after the run); runs nothing")
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce/<preset>)")
     p.add_argument("--force", nargs="+", default=[], action="extend", metavar="STAGE",
                    help="rerun these stages from scratch, and everything downstream")
@@ -86,9 +90,35 @@ def print_cost(runner: Runner, extra: Sequence[str], rate_tflops: float | None) 
     print(f"  {'all':<20} {cost.human(total):>12}  {cost.duration(total / rate):>9}")
 
 
+def print_status(args: argparse.Namespace) -> dict:
+    """``--status``: the picture of the reproduction in ``--out`` (its preset from its reproduction.json)."""
+    from common.files import read_json
+    from pipeline.progress import status
+
+    if not args.out:
+        parser().error("--status needs --out DIR, the folder of the reproduction")
+    info = read_json(Path(args.out) / "reproduction.json")
+    if info is None:
+        print(f"reproduce: {args.out} holds no reproduction (no reproduction.json): start one with "
+              f"`python train.py reproduce --preset NAME --out {args.out}`", file=sys.stderr)
+        raise SystemExit(1)
+    name = info["preset"]
+    base, rehearse = name.removesuffix("-rehearsal"), name.endswith("-rehearsal")
+    stages = preset(base, rehearse=rehearse)
+    records = [read_json(Path(args.out) / s.name / "stage.json") or {} for s in stages]
+    extra = next((r["extra_args"] for r in records if r.get("extra_args") is not None), [])
+    print(f"reproduction {info['id']} (preset {name}) in {args.out}:")
+    print(status(Path(args.out), stages, extra))
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the reproduction; the stage records. ``--trainer.*`` arguments pass through to every train.py run."""
     args, unknown = parser().parse_known_args(argv)
+    if args.status:
+        return print_status(args)
+    if args.preset is None:
+        parser().error("--preset is required (or --status --out DIR)")
     if stray := [a for a in unknown if a.startswith("-") and not a.startswith("--trainer.")]:
         parser().error(f"unrecognised arguments {' '.join(stray)} (only --trainer.* pass through to the stages; "
                        "use --stage-args for anything else)")
@@ -106,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         check_creatable_dir(out, "--out")
         stages = preset(args.preset, rehearse=args.rehearse)
         runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only,
-                        jobs=args.jobs, launch=launch)
+                        jobs=args.jobs, launch=launch, watch=True)
         t0 = time.monotonic()
         checked = runner.check_commands()  # a typo stops here, before anything is run or written
         print(f"checked {checked} commands of {len(runner.selected)} stages in {time.monotonic() - t0:.0f} s: "

@@ -56,20 +56,22 @@ def markdown(preset: str, reproduction: str | None, records: dict[str, dict | No
         lines.append("")
     lines += ["## Figures", ""]
     lines += [f"![{name}]({path.relative_to(out)})" for name, path in made.items()] or ["(no stage has run yet)"]
-    lines += ["", "## Time per stage (minutes)", "", "| stage | status | fit | tests | measure | total | resumed |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Time per stage (minutes)", "",
+              "| stage | status | fit | tests | measure | total | resumed | precision |",
+              "|---|---|---|---|---|---|---|---|"]
     total = 0.0
     for name, record in records.items():
         if not record:
-            lines.append(f"| {name} | not run | | | | | |")
+            lines.append(f"| {name} | not run | | | | | | |")
             continue
         t = record.get("timings", {})
         tests = [v for k, v in t.items() if k.startswith("test")]
         total += t.get("total", 0.0)
         cells = [t.get("fit"), sum(tests) if tests else None, t.get("measure"), t.get("total")]
+        precision = (record.get("numerics") or {}).get("precision", "")  # train stages: what auto resolved to
         lines.append(f"| {name} | done | " + " | ".join("" if c is None else f"{c / 60:.1f}" for c in cells)
-                     + f" | {'yes' if record.get('resumed') else ''} |")
-    lines += [f"| **all** | | | | | **{total / 60:.1f}** | |", ""]
+                     + f" | {'yes' if record.get('resumed') else ''} | {precision} |")
+    lines += [f"| **all** | | | | | **{total / 60:.1f}** | | |", ""]
     return "\n".join(lines)
 
 

@@ -25,20 +25,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from common import progress
 from common.errors import UserError
 from common.files import FileLock, read_json, write_json_atomic
 from pipeline import outputs
 from pipeline.launch import Launch, Publisher
 from pipeline.preflight import command_error
+from pipeline.progress import Watcher
 from pipeline.stages import REPO, Stage, commands, last_checkpoint, seed_of, stage_dir, stage_key
 
 STAGE_JSON, ATTEMPT_JSON, LOG, MEASURE_JSON = "stage.json", "attempt.json", "stage.log", "measure.json"
+NUMERICS_JSON = "numerics.json"  # written by lightning_modules/trainer.py into the run directory
 REPRODUCTION_JSON, LOCK = "reproduction.json", "reproduce.lock"
 LOG_TAIL = 25
 
@@ -195,8 +198,8 @@ class Runner:
     def __init__(self, stages: Sequence[Stage], out: str | Path, *, preset: str, extra_args: Sequence[str] = (),
                  force: Sequence[str] = (), only: Sequence[str] = (), execute: Execute = run_subprocess,
                  preflight: Preflight | None = command_error, echo: Callable[[str], None] = print,
-                 jobs: int = 1, slices: Sequence[dict[str, str]] | None = None, launch: Launch | None = None
-                 ) -> None:
+                 jobs: int = 1, slices: Sequence[dict[str, str]] | None = None, launch: Launch | None = None,
+                 watch: bool = False) -> None:
         """
         Args:
             extra_args: appended to every ``train.py`` command (e.g. ``--trainer.devices 8``); part of the keys.
@@ -210,6 +213,7 @@ class Runner:
                 machine (``slices``, default :func:`machine_slices`); 1: one after another, in order.
             launch: how each command starts (pipeline/launch.py: here, through srun, or through torchrun);
                 its layout arguments must already be among ``extra_args`` (:meth:`Launch.trainer_args`).
+            watch: print what the running stages are doing while they run (pipeline/progress.py).
         """
         self.stages, self.out, self.preset = list(stages), Path(out), preset
         self.extra_args, self.force, self.execute, self.echo = list(extra_args), set(force), execute, echo
@@ -233,6 +237,7 @@ class Runner:
                                 "host (GPU sets or CPU threads); across an allocation every stage takes all its "
                                 "nodes, so use --jobs 1")
         self._publisher: Publisher | None = None
+        self.watch = watch
         self.slices = list(slices) if slices is not None else (machine_slices(jobs) if jobs > 1 else [{}])
         if len(self.slices) < jobs:
             raise PipelineError(f"{jobs} jobs need {jobs} machine slices, got {len(self.slices)}")
@@ -319,8 +324,10 @@ class Runner:
             if self.launch.kind == "torchrun" and self.launch.nodes > 1:  # the other nodes follow our launches
                 self._publisher = Publisher(self.out, self.launch.rdzv_id)
             finished = False
+            watcher = Watcher(self.out, self.selected, self.extra_args, self.echo) if self.watch else nullcontext()
             try:
-                records = self._run_all(reproduction) if self.jobs == 1 else self._run_concurrently(reproduction)
+                with watcher:
+                    records = self._run_all(reproduction) if self.jobs == 1 else self._run_concurrently(reproduction)
                 finished = True
                 return records
             finally:
@@ -413,6 +420,7 @@ class Runner:
         started, start = now(), time.monotonic()
         write_json_atomic(directory / ATTEMPT_JSON, {"key": decision.key, "started": started})
         ours = {"WANDB_RUN_GROUP": reproduction, "WANDB_JOB_TYPE": stage.name,
+                progress.PROGRESS_FILE_ENV: str(directory / progress.PROGRESS_JSON),
                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                 **(machine_slice or {})}
         env = {**os.environ, **ours}
@@ -449,6 +457,7 @@ class Runner:
             "results": results, "artifacts": self._artifacts(stage, directory),
             "timings": timings, "started": started, "finished": now(), "versions": self.versions(),
             "machine_slice": machine_slice or {}, "launch": self.launch.describe(),
+            "numerics": read_json(directory / NUMERICS_JSON),  # the fit's resolved precision (train stages)
         }
         write_json_atomic(directory / STAGE_JSON, record)
         return record

@@ -14,6 +14,7 @@ A stage must list every stage it refers to in ``deps``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -133,10 +134,23 @@ def file_sha256(path: Path, stage: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@functools.cache
+def auto_precision() -> dict[str, str]:
+    """What ``precision: auto`` means on this machine, per device type: a run moved to a machine where it means
+    something else is another run (common/numerics.py; imported here only, to keep torch out of the rest)."""
+    import torch
+
+    from common.numerics import AUTO, resolve_precision
+
+    types = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    return {t: str(resolve_precision(AUTO, t)[0]) for t in types}
+
+
 def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_args: Sequence[str] = ()) -> str:
     """sha256 of everything that determines the stage's result: the bytes of its config file(s), its arguments
     (placeholders unexpanded, so the key does not depend on where OUT is), the pass-through trainer arguments,
-    the preset, and the run ids of its dependencies (a rerun upstream changes them, so keys chain)."""
+    the preset, the run ids of its dependencies (a rerun upstream changes them, so keys chain) and, for a train
+    stage, what ``precision: auto`` means on this machine."""
     description = {
         "format": KEY_FORMAT,
         "preset": preset,
@@ -147,6 +161,7 @@ def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_ar
         "tests": [[t.label, list(t.args), *([t.checkpoint] if t.checkpoint != LAST else [])] for t in stage.tests],
         "extra_args": list(extra_args) if stage.kind == "train" else [],
         "deps": {d: dep_ids[d] for d in stage.deps},
+        "auto_precision": auto_precision() if stage.kind == "train" else None,
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 

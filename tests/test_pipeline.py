@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import train
+from common import progress
 from lightning_modules.cli import redirect_outputs
 from pipeline import claims
 from pipeline.presets import preset
@@ -387,6 +388,9 @@ def test_real_stage_end_to_end_with_run_dir_cache_and_resume(tmp_path, data_dir,
     assert (stage / "test" / "csv" / "version_0" / "robust_accuracy.json").is_file()
     assert not (tmp_path / "runs").exists() and not (tmp_path / "lightning_logs").exists()
     assert "--run_dir" in (stage / LOG).read_text()
+    # What the stage reported last for the progress view: its test's attack sweep, every point done.
+    assert progress.read(stage) | {"time": 0} == {"task": "test accuracy under attack", "done": 4, "total": 4,
+                                                 "unit": "points", "time": 0}
 
     def must_not_run(argv, log, env):
         raise AssertionError(f"a finished stage ran again: {argv}")

@@ -56,9 +56,10 @@ class ConstructedDataModule(CIFAR10DataModule):
                 (D_R, D_NR).
             cache_dir: where generated datasets are stored, one folder per key (float32 images: 614 MB for
                 the 50,000 CIFAR-10 training images). Under DDP it must be shared by all ranks.
-            generation_precision: numerics of generation: ``32-true``, ``bf16-mixed`` or ``16-mixed``
-                (autocast of the forward; the iterate stays fp32). bf16 is much slower than fp32 on CPUs
-                without native bf16.
+            generation_precision: numerics of generation: ``32-true``, ``bf16-mixed``, ``16-mixed`` or ``auto``
+                (bf16-mixed where the generating device computes bf16 natively, else 32-true; the resolved value
+                is what the cache key and the manifest hold). Autocast of the forward; the iterate stays fp32.
+                A pinned bf16 is much slower than fp32 on CPUs without native bf16 (a warning says so).
             generation_batch_size: images per generation batch (part of the cache key).
             generation_seed: seed of the per-example randomness (random targets, start images).
             generation_channels_last: run the source models in channels_last memory format.

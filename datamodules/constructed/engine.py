@@ -20,6 +20,7 @@ If one rank fails (e.g. the NaN guard), the others wait at the barrier until the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -30,8 +31,10 @@ import torch
 import torch.distributed as dist
 from rich.progress import Progress
 
+from common import progress as stage_progress
 from common.errors import ConfigError, UserError
 from common.files import check_output_dir
+from common.numerics import AUTO, resolve_precision
 from common.tensors import as_float_images, world_info
 from datamodules.constructed.recipes import Batch, Recipe, RecipeOutput
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
@@ -94,24 +97,32 @@ class GenerationSpec:
     checked once, from ``ConstructedDataModule``'s ``generation_*`` and ``shard_size`` arguments (the errors name
     those arguments)."""
 
-    precision: str = "32-true"  # autocast of the forward (PRECISIONS); the iterate stays fp32
+    precision: str = "32-true"  # autocast of the forward (PRECISIONS, or auto: see resolved); the iterate stays fp32
     batch_size: int = 250  # images per batch; kernels may round differently at another batch size
     seed: int = 0  # of the per-example generators (example_generator)
     channels_last: bool = False  # memory format of the source models
     shard_size: int = 1000  # examples per shard, the unit of resuming and of the split over ranks
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        if self.precision not in PRECISIONS and self.precision != AUTO:
             raise ConfigError(f"unknown generation_precision {self.precision!r}; choose one of "
-                              f"{sorted(PRECISIONS)}; fix data.init_args.generation_precision")
+                              f"{sorted([*PRECISIONS, AUTO])}; fix data.init_args.generation_precision")
         for name, value, low in (("generation_batch_size", self.batch_size, 1), ("shard_size", self.shard_size, 1),
                                  ("generation_seed", self.seed, None)):
             if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
                 kind = f"an int >= {low}" if low is not None else "an int"
                 raise ConfigError(f"{name} must be {kind}, got {value!r}; fix data.init_args.{name}")
 
+    def resolved(self, device: torch.device) -> GenerationSpec:
+        """This spec with ``auto`` replaced by the precision it means on ``device`` (common/numerics.py): what
+        the key, the manifest and the autocast see."""
+        precision, _ = resolve_precision(self.precision, device.type)
+        return dataclasses.replace(self, precision=str(precision))
+
     @property
     def autocast_dtype(self) -> torch.dtype | None:
+        if self.precision == AUTO:
+            raise ValueError("resolve generation_precision auto first (GenerationSpec.resolved)")
         return PRECISIONS[self.precision]
 
 
@@ -135,6 +146,7 @@ class GenerationJob:
     def __post_init__(self) -> None:
         if not len(self.x) == len(self.y) == len(self.indices) > 0:
             raise ConfigError("x, y and indices must be non-empty and have the same length")
+        self.spec = self.spec.resolved(self.device)  # precision auto: fixed here, before any key is made
 
     def description(self) -> dict:
         """The key material: source contents, recipe, data, seed and numerics (on the CPU with the thread count
@@ -271,12 +283,19 @@ def generate_missing(job: GenerationJob, store: ShardStore, shards: list[range],
     batches = {i: -(-len(shards[i]) // job.spec.batch_size) for i in todo}
     with Progress(disable=not job.progress or rank != 0) as progress:
         task = progress.add_task(f"generating {store.dir.name}", total=sum(batches.values()))
+        done, total = [0], sum(batches.values())
+
+        def advance(n: int = 1) -> None:  # the terminal's bar and reproduce's progress view
+            progress.advance(task, n)
+            done[0] += n
+            if rank == 0:
+                stage_progress.report("generation", done[0], total, "batches", dataset=store.dir.name)
 
         def ensure(i: int) -> int:  # call with shard i's lock held
             if store.finished_shard(i) is not None:  # another process finished it meanwhile
-                progress.advance(task, batches[i])
+                advance(batches[i])
                 return 0
-            tensors, info = generate_shard(job, models, shards[i], lambda: progress.advance(task))
+            tensors, info = generate_shard(job, models, shards[i], advance)
             store.write_shard(i, tensors, {**info, "rank": rank})
             return len(shards[i])
 

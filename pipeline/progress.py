@@ -1,0 +1,189 @@
+"""The picture of a reproduction, from the files it writes: which stage is done, running or waiting, for how
+long, what the running stage is doing (common/progress.py) and the time left.
+
+``reproduce`` prints it while it runs (:class:`Watcher`: a line per running stage every few seconds on a
+terminal, every minute into a log, only when something changed); ``reproduce --status --out DIR`` prints it
+once from another terminal or after the run (:func:`status`), reading files only.
+
+The time left: the remaining stages' compute (pipeline/cost.py) at the rate the finished stages of this run
+achieved (their FLOPs over their seconds); before any stage has finished, at the machine's matrix-multiply rate,
+which makes it a floor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from common import progress
+from common.files import read_json
+from pipeline.stages import Stage, stage_dir
+
+STAGE_JSON, ATTEMPT_JSON, LOCK = "stage.json", "attempt.json", "reproduce.lock"
+
+
+def running_here(out: Path) -> bool:
+    """Whether a reproduction holds OUT's lock now (probed with a shared, non-blocking flock on the existing
+    lock file: nothing is created or changed)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(Path(out) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False  # the runner removes its lock file when it stops
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False  # a lock file left by a killed run
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _started(record: dict | None) -> float | None:
+    try:
+        return datetime.fromisoformat(record["started"]).timestamp() if record else None
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def stage_state(out: Path, stage: Stage, live: bool) -> dict:
+    """``done`` (its stage.json belongs to its last attempt), ``running`` / ``interrupted`` (an attempt without
+    a record, with the run alive or not) or ``waiting``; seconds taken or elapsed; the running stage's progress."""
+    directory = stage_dir(out, stage.name)
+    record, attempt = read_json(directory / STAGE_JSON), read_json(directory / ATTEMPT_JSON)
+    if record is not None and (attempt is None or attempt.get("started") == record.get("started")):
+        return {"name": stage.name, "state": "done", "seconds": record.get("timings", {}).get("total")}
+    if attempt is not None:
+        started = _started(attempt)
+        return {"name": stage.name, "state": "running" if live else "interrupted",
+                "seconds": time.time() - started if started and live else None,
+                "progress": progress.read(directory)}
+    return {"name": stage.name, "state": "waiting", "seconds": None}
+
+
+def describe_progress(entry: dict | None) -> str:
+    if not entry:
+        return "starting"
+    total = entry.get("total")
+    share = f" ({100 * entry['done'] / total:.0f}%)" if total else ""
+    return f"{entry['task']}: {entry['done']}/{total if total is not None else '?'} {entry['unit']}{share}"
+
+
+def minutes(seconds: float | None) -> str:
+    return "" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+class Estimate:
+    """Seconds left, from each stage's FLOPs (computed once: it parses every command) and the run's rate."""
+
+    def __init__(self, stages: Sequence[Stage], out: Path, extra_args: Sequence[str]) -> None:
+        self.stages, self.out, self.extra_args = list(stages), Path(out), list(extra_args)
+        self.flops: dict[str, float] | None = None
+        self.floor_rate: float | None = None
+
+    def compute(self) -> None:
+        from pipeline import cost
+
+        try:
+            parts = cost.reproduction_flops(self.stages, self.out, self.extra_args)
+            self.flops = {name: float(sum(p.values())) for name, p in parts.items()}
+            self.floor_rate = cost.matmul_rate(seconds=0.2)
+        except Exception:  # an estimate must never stop the run it describes
+            self.flops = {}
+
+    def seconds_left(self, states: Sequence[dict]) -> tuple[float | None, str]:
+        if not self.flops:
+            return None, ""
+        done = [s for s in states if s["state"] == "done" and s["seconds"]]
+        flops_done = sum(self.flops.get(s["name"], 0.0) for s in done)
+        seconds_done = sum(s["seconds"] for s in done)
+        if flops_done > 0 and seconds_done > 0:
+            rate, basis = flops_done / seconds_done, "at this run's rate so far"
+        elif self.floor_rate:
+            rate, basis = self.floor_rate, "a floor: at the matmul rate, no stage has finished yet"
+        else:
+            return None, ""
+        left = 0.0
+        for s in states:
+            if s["state"] == "done":
+                continue
+            work = self.flops.get(s["name"], 0.0) / rate
+            if s["state"] == "running" and s.get("seconds"):
+                work = max(0.0, work - s["seconds"])
+            left += work
+        return left, basis
+
+
+def picture(out: Path, stages: Sequence[Stage], estimate: Estimate | None = None) -> list[str]:
+    """Every stage's line, and a summary: done of N, elapsed, time left."""
+    live = running_here(out)
+    states = [stage_state(out, s, live) for s in stages]
+    lines = []
+    for i, s in enumerate(states, start=1):
+        detail = f"  {describe_progress(s.get('progress'))}" if s["state"] in ("running", "interrupted") else ""
+        lines.append(f"[{i}/{len(states)}] {s['name']:<22} {s['state']:<11} {minutes(s['seconds']):>10}{detail}")
+    done = sum(s["state"] == "done" for s in states)
+    spent = sum(s["seconds"] or 0.0 for s in states if s["state"] in ("done", "running"))
+    summary = f"{done} of {len(states)} stages done, {minutes(spent) or '0 min'} of stage time"
+    if estimate is not None and done < len(states):
+        left, basis = estimate.seconds_left(states)
+        if left is not None:
+            summary += f", about {minutes(left)} left ({basis})"
+    state = "running" if live else "not running"
+    return [*lines, f"{summary}; the reproduction is {state}"]
+
+
+def status(out: Path, stages: Sequence[Stage], extra_args: Sequence[str] = ()) -> str:
+    """``reproduce --status``: the picture, once."""
+    estimate = Estimate(stages, out, extra_args)
+    estimate.compute()
+    return "\n".join(picture(out, stages, estimate))
+
+
+class Watcher:
+    """While the runner runs, a line per running stage when its progress has changed, at most every
+    ``every_s`` seconds (default 5 on a terminal, 60 into a log)."""
+
+    def __init__(self, out: Path, stages: Sequence[Stage], extra_args: Sequence[str] = (),
+                 echo: Callable[[str], None] = print, every_s: float | None = None) -> None:
+        self.out, self.stages, self.echo = Path(out), list(stages), echo
+        self.every_s = every_s if every_s is not None else (5.0 if sys.stdout.isatty() else 60.0)
+        self.estimate = Estimate(stages, out, extra_args)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reproduce-progress", daemon=True)
+        self._shown: dict[str, str] = {}
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        self.estimate.compute()
+        while not self._stop.wait(self.every_s):
+            self.tick()
+
+    def tick(self) -> None:
+        states = [stage_state(self.out, s, live=True) for s in self.stages]
+        left, _ = self.estimate.seconds_left(states)
+        for i, s in enumerate(states, start=1):
+            if s["state"] != "running":
+                continue
+            line = describe_progress(s.get("progress"))
+            if self._shown.get(s["name"]) == line:
+                continue
+            self._shown[s["name"]] = line
+            tail = f"; about {minutes(left)} left in all" if left is not None else ""
+            self.echo(f"[{i}/{len(states)}] {s['name']}: {line}, {minutes(s['seconds'])} in{tail}")

@@ -1,0 +1,95 @@
+"""Progress of a reproduction: stages report what they do (common/progress.py), reproduce shows it while it runs
+and ``reproduce --status`` shows it from the files (pipeline/progress.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+import train
+from common import progress
+from common.files import FileLock
+from pipeline.progress import Watcher, picture, running_here
+from pipeline.stages import train_stage
+
+
+def test_report_writes_only_for_reproduce_and_at_most_once_per_interval(tmp_path, monkeypatch):
+    target = tmp_path / "progress.json"
+    monkeypatch.delenv(progress.PROGRESS_FILE_ENV, raising=False)
+    progress.report("fit epoch 1/2", 1, 10, "batches")
+    assert not target.exists()  # a run started by hand writes nothing
+    monkeypatch.setenv(progress.PROGRESS_FILE_ENV, str(target))
+    monkeypatch.setenv(progress.INTERVAL_ENV, "3600")
+    progress.report("generation", 1, 10, "batches", dataset="relabel-1")
+    progress.report("generation", 2, 10, "batches")  # within the interval: skipped
+    assert progress.read(tmp_path)["done"] == 1 and progress.read(tmp_path)["dataset"] == "relabel-1"
+    progress.report("generation", 10, 10, "batches")  # the end of a loop is always written
+    assert progress.read(tmp_path)["done"] == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no temporary file left behind
+
+
+def write_stage(out, name, *, finished: bool, progress_entry: dict | None = None) -> None:
+    folder = out / name
+    folder.mkdir(parents=True)
+    started = datetime.now(timezone.utc).isoformat()
+    (folder / "attempt.json").write_text(json.dumps({"key": "k", "started": started}))
+    if finished:
+        (folder / "stage.json").write_text(json.dumps({"started": started, "timings": {"total": 90.0}}))
+    if progress_entry:
+        (folder / "progress.json").write_text(json.dumps(progress_entry))
+
+
+@pytest.fixture
+def out(tmp_path):
+    out = tmp_path / "out"
+    write_stage(out, "a", finished=True)
+    write_stage(out, "b", finished=False, progress_entry={"task": "generation", "done": 30, "total": 120,
+                                                            "unit": "batches"})
+    (out / "reproduction.json").write_text(json.dumps({"id": "tiny-1", "preset": "tiny"}))
+    return out
+
+
+STAGES = [train_stage(n, f"{n}.yaml") for n in ("a", "b", "c")]
+
+
+def test_the_picture_tells_done_interrupted_and_waiting_stages_from_the_files(out):
+    lines = picture(out, STAGES)
+    assert lines[0].split()[1:4] == ["a", "done", "1.5"]
+    assert "b" in lines[1] and "interrupted" in lines[1] and "generation: 30/120 batches (25%)" in lines[1]
+    assert lines[2].split()[1:3] == ["c", "waiting"]
+    assert lines[-1].startswith("1 of 3 stages done") and lines[-1].endswith("the reproduction is not running")
+
+
+def test_a_held_lock_makes_the_unfinished_stage_running_and_the_watcher_reports_changes_once(out):
+    lock = FileLock(out / "reproduce.lock")
+    assert lock.acquire(blocking=False)
+    try:
+        assert running_here(out)
+        assert "running" in picture(out, STAGES)[1]
+        shown: list[str] = []
+        watcher = Watcher(out, STAGES, echo=shown.append, every_s=3600)
+        watcher.tick()
+        watcher.tick()  # nothing changed: nothing printed
+        assert len(shown) == 1 and shown[0].startswith("[2/3] b: generation: 30/120 batches (25%)")
+        (out / "b" / "progress.json").write_text(json.dumps({"task": "fit epoch 1/8", "done": 5, "total": 98,
+                                                             "unit": "batches"}))
+        watcher.tick()
+        assert len(shown) == 2 and "fit epoch 1/8: 5/98 batches" in shown[1]
+    finally:
+        lock.release()
+    assert not running_here(out)
+
+
+def test_status_reads_the_preset_from_the_folder_and_refuses_an_empty_one(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    write_stage(out, "standard", finished=True)
+    (out / "reproduction.json").write_text(json.dumps({"id": "tiny-1", "preset": "tiny"}))
+    train.main(["reproduce", "--status", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "reproduction tiny-1 (preset tiny)" in printed and "[1/6] standard" in printed
+    assert "1 of 6 stages done" in printed and "left" in printed  # an estimate from the finished stage's rate
+    with pytest.raises(SystemExit):
+        train.main(["reproduce", "--status", "--out", str(tmp_path / "nothing")])
+    assert "holds no reproduction" in capsys.readouterr().err
