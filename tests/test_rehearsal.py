@@ -5,6 +5,8 @@ CIFAR-10, and the report computes every row. Slow (see the README's slow-test co
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,7 @@ from pipeline.presets import preset
 @pytest.mark.slow
 def test_the_paper_preset_rehearses_end_to_end_with_every_row_computed(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("BOF_DATA_DIR", str(data_dir))
-    out = tmp_path / "rehearsal"
+    out = Path(os.environ.get("BOF_REHEARSAL_OUT", tmp_path / "rehearsal"))  # set it to keep the report
     records = reproduce(["--preset", "paper", "--rehearse", "--out", str(out)])
     assert set(records) == {s.name for s in preset("paper")}
     summary = json.loads((out / "results.json").read_text())
