@@ -18,7 +18,8 @@ from pipeline.presets import preset
 def test_the_paper_preset_rehearses_end_to_end_with_every_row_computed(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("BOF_DATA_DIR", str(data_dir))
     out = Path(os.environ.get("BOF_REHEARSAL_OUT", tmp_path / "rehearsal"))  # set it to keep the report
-    records = reproduce(["--preset", "paper", "--rehearse", "--out", str(out)])
+    jobs = str(min(2, os.cpu_count() or 1))  # independent stages side by side, a core each (runner.machine_slices)
+    records = reproduce(["--preset", "paper", "--rehearse", "--out", str(out), "--jobs", jobs])
     assert set(records) == {s.name for s in preset("paper")}
     summary = json.loads((out / "results.json").read_text())
     assert summary["rehearsal"] is True and summary["preset"] == "paper-rehearsal"
