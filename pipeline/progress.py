@@ -22,9 +22,7 @@ from pathlib import Path
 
 from common import progress
 from common.files import read_json
-from pipeline.stages import Stage, stage_dir
-
-STAGE_JSON, ATTEMPT_JSON, LOCK = "stage.json", "attempt.json", "reproduce.lock"
+from pipeline.stages import ATTEMPT_JSON, LOCK, STAGE_JSON, Stage, stage_dir
 
 
 def running_here(out: Path) -> bool:

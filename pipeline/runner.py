@@ -38,11 +38,23 @@ from pipeline import outputs
 from pipeline.launch import Launch, Publisher
 from pipeline.preflight import command_error
 from pipeline.progress import Watcher
-from pipeline.stages import REPO, Stage, commands, last_checkpoint, seed_of, stage_dir, stage_key
+from pipeline.stages import (  # noqa: F401
+    ATTEMPT_JSON,
+    LOCK,
+    LOG,
+    MEASURE_JSON,
+    NUMERICS_JSON,
+    REPO,
+    REPRODUCTION_JSON,
+    STAGE_JSON,
+    Stage,
+    commands,
+    last_checkpoint,
+    seed_of,
+    stage_dir,
+    stage_key,
+)
 
-STAGE_JSON, ATTEMPT_JSON, LOG, MEASURE_JSON = "stage.json", "attempt.json", "stage.log", "measure.json"
-NUMERICS_JSON = "numerics.json"  # written by lightning_modules/trainer.py into the run directory
-REPRODUCTION_JSON, LOCK = "reproduction.json", "reproduce.lock"
 LOG_TAIL = 25
 
 Execute = Callable[[list[str], Path, dict], int]

@@ -38,6 +38,10 @@ class StageError(UserError, ValueError):
 
 
 LAST = "last.ckpt"
+# The files of a reproduction's folder (OUT/<stage>/... and OUT/...): written by pipeline/runner.py, read by it and
+# by pipeline/progress.py. numerics.json is written by lightning_modules/trainer.py into a fit's run directory.
+STAGE_JSON, ATTEMPT_JSON, LOG, MEASURE_JSON = "stage.json", "attempt.json", "stage.log", "measure.json"
+NUMERICS_JSON, REPRODUCTION_JSON, LOCK = "numerics.json", "reproduction.json", "reproduce.lock"
 
 
 @dataclass(frozen=True)
