@@ -7,7 +7,7 @@ Numbers are fractions in [0, 1] unless a row says otherwise (``percent=False``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from common.attack_settings import NAKKIRAN_ATTACKS, eps_text
@@ -89,8 +89,8 @@ def claim(text: str, test: Callable[..., bool], *inputs: Getter) -> Claim:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the report. ``id`` (``<stage>.<quantity>``) names it for code and tests; ``experiment`` is its
-    display text, free to change."""
+    """One line of the report. ``id`` (``<stage>.<quantity>``, the stage whose number it shows) names it for code
+    and tests; ``experiment`` is its display text, free to change."""
 
     id: str
     section: str
@@ -229,7 +229,7 @@ ROWS: list[Row] = [
     Row("squares.flipped", S43, "trained network: test points flipped by Linf eps 0.01", "almost all",
         squares("flip_fraction"),
         claim("almost every test point flipped: >= 90%", lambda f: f >= 0.9, squares("flip_fraction"))),
-    Row("squares_1epoch.flipped", S43, "1-epoch network: test points flipped by Linf eps 0.01", "~0% (robust)",
+    Row("squares.1epoch_flipped", S43, "1-epoch network: test points flipped by Linf eps 0.01", "~0% (robust)",
         squares("flip_fraction", "test_1epoch"),
         claim("the 1-epoch network is robust: <= 10% flipped", lambda f: f <= 0.1,
               squares("flip_fraction", "test_1epoch"))),
@@ -295,12 +295,16 @@ def paper_percent(row_id: str) -> float | None:
         return None
 
 
-def evaluate(records: Mapping[str, dict | None], rows: list[Row] | None = None) -> list[dict]:
+def evaluate(records: Mapping[str, dict | None], rows: list[Row] | None = None,
+             graph: Collection[str] | None = None) -> list[dict]:
     """Every row (default: ``ROWS`` plus the measured extra architectures of Figure 3) with the suite's number and
-    whether its claim holds (None: not run / no claim)."""
+    whether its claim holds (None: not run / no claim). ``graph``: the preset's stage names; rows of stages it
+    does not have are left out (a preset of a few stages reports what it runs, not a table of "not run")."""
     results = Results(records)
     if rows is None:
         rows = ROWS + architecture_rows(results)
+    if graph is not None:
+        rows = [row for row in rows if row.id.split(".", 1)[0] in graph]
     return [{"id": row.id, "section": row.section, "experiment": row.experiment, "paper": row.paper,
              "suite": row.value(results), "percent": row.percent, "claim": row.claim.text if row.claim else None,
              "holds": row.claim.holds(results) if row.claim else None} for row in rows]

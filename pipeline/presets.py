@@ -1,4 +1,5 @@
-"""The stage graphs: ``mini`` (CPU, fast CNN), ``paper`` (the papers' recipes, GPUs) and ``tiny`` (CI tests).
+"""The stage graphs: ``quick`` (ten minutes, CPU), ``mini`` (CPU, fast CNN), ``paper`` (the papers' recipes, GPUs)
+and ``tiny`` (CI tests).
 
 ``mini`` and ``paper`` are one graph over two config folders (SPEC sections in brackets):
 
@@ -112,6 +113,14 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int,
     ]
 
 
+# The mini graph's arguments; quick() is the same graph's headline stages at smaller sizes.
+MINI = {"ensemble": 3, "transfer_examples": 500,
+        "nakkiran": ("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
+        "figure3_archs": [("nowhiten", ["--model.init_args.arch_kwargs", "{whiten: false}"])],
+        "constructed": ["--data.init_args.cache_dir", "{out}/constructed"],
+        "helpers": ["--config", NO_SWEEP, "--trainer.max_epochs", "4"]}
+
+
 def mini() -> list[Stage]:
     """CPU preset: configs/mini (whitened fast CNN, real CIFAR-10). Nakkiran's target, 3 ensemble members and
     fresh model are the fast CNN without whitening (configs/mini/nakkiran_model.yaml); they and Figure 3's fresh
@@ -120,11 +129,27 @@ def mini() -> list[Stage]:
     ``fresh_nowhiten``).
     Transfer and Figure 3 measurements on 500 test images, constructed datasets cached under OUT/constructed.
     Target: 120 minutes on 2 cores; the measured time per stage is in docs/RESULTS.md."""
-    return debate("configs/mini", ensemble=3, transfer_examples=500,
-                  nakkiran=("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
-                  figure3_archs=[("nowhiten", ["--model.init_args.arch_kwargs", "{whiten: false}"])],
-                  constructed=["--data.init_args.cache_dir", "{out}/constructed"],
-                  helpers=["--config", NO_SWEEP, "--trainer.max_epochs", "4"])
+    return debate("configs/mini", **MINI)
+
+
+# The quick preset: a ten-minute taste of both papers' headline, the mini graph's stages for it with smaller sizes
+# and fewer epochs only (our choices, not the papers'): the standard model 4 epochs (mini: 8), Nakkiran's target
+# and 2 ensemble members (mini: 3) 2 epochs (mini: 4), D_det from 20,000 training images (mini: 50,000), Nakkiran's
+# non-transferable D_det from 5,000 (mini: 10,000). Different arguments give different keys, so `--preset mini`
+# trains its own models (a reproduction folder holds one preset; the runner never reuses a stage whose key differs).
+QUICK: Mapping[str, tuple[str, ...]] = {
+    "standard": ("--trainer.max_epochs", "4"),
+    **{name: ("--trainer.max_epochs", "2") for name in ("standard_nowhiten", "ensemble_seed_1", "ensemble_seed_2")},
+    "d_det": ("--data.init_args.train_size", "20000"),
+    "nakkiran_ddet_l2": ("--data.init_args.train_size", "5000"),
+}
+
+
+def quick() -> list[Stage]:
+    """Ten minutes on 2 cores: a standard model, Ilyas' D_det from it (the student learns the true task), and
+    Nakkiran's D_det of non-transferable examples (the student stays near chance). Sizes: ``QUICK``."""
+    stages = debate("configs/mini", **{**MINI, "ensemble": 2})
+    return [dataclasses.replace(s, overrides=(*s.overrides, *QUICK[s.name])) for s in stages if s.name in QUICK]
 
 
 def paper() -> list[Stage]:
@@ -192,7 +217,7 @@ def rehearsal(stages: Sequence[Stage]) -> list[Stage]:
     return [dataclasses.replace(s, overrides=(*s.overrides, *cut(s))) for s in stages]
 
 
-PRESETS: dict[str, Callable[[], list[Stage]]] = {"mini": mini, "paper": paper, "tiny": tiny}
+PRESETS: dict[str, Callable[[], list[Stage]]] = {"quick": quick, "mini": mini, "paper": paper, "tiny": tiny}
 
 
 def preset(name: str, *, rehearse: bool = False) -> list[Stage]:

@@ -80,7 +80,7 @@ def write_report(out: str | Path, stages: Sequence[Stage], preset: str, rehearsa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(out, stages)
-    rows = claims.evaluate(records)
+    rows = claims.evaluate(records, graph=[s.name for s in stages])
     made = figures.write_figures(records, out / "figures")
     reproduction = (read_json(out / REPRODUCTION_JSON) or {}).get("id")
     summary = {

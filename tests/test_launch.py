@@ -209,11 +209,13 @@ def slurm_ready() -> None:
 
 
 @pytest.mark.slurm
-def test_the_slurm_path_runs_the_tiny_preset_with_two_tasks_through_srun(two_processes, data_dir, tmp_path):
+def test_the_slurm_path_trains_tests_and_generates_with_two_tasks_through_srun(two_processes, data_dir, tmp_path):
+    """D_det and what it needs (standard): a train stage and a generating one through srun. The whole tiny graph
+    on 2 processes is the test above; here only the launcher differs, so two stages show it (and keep CI short)."""
     slurm_ready()
     out = tmp_path / "out"
     command = (f"{sys.executable} {REPO / 'train.py'} reproduce --preset tiny --launcher slurm --out {out} "
-               f"--stage-args '{' '.join(TWO)}'")
+               f"--only d_det --stage-args '{' '.join(TWO)}'")
     result = subprocess.run(["sbatch", "--wait", "--nodes", "1", "--ntasks-per-node", "2", "--chdir", str(REPO),
                              "--output", str(tmp_path / "job.out"), "--wrap", command],
                             env=environment(data_dir), capture_output=True, text=True, timeout=900)
@@ -223,7 +225,8 @@ def test_the_slurm_path_runs_the_tiny_preset_with_two_tasks_through_srun(two_pro
     assert "srun --nodes 1 --ntasks-per-node 2" in log and log.count("MEMBER: 2/2") == 2
     assert json.loads((out / "standard" / "stage.json").read_text())["launch"] == {
         "kind": "slurm", "nodes": 1, "devices": 2, "node_rank": 0}
-    assert claim_values(out) == claim_values(two_processes)  # the same world size: the same numbers, exactly
+    for stage in ("standard", "d_det"):  # the same world size: the same numbers, exactly
+        assert stage_results(out, stage) == stage_results(two_processes, stage), stage
     assert_bitwise_equal(shard(out), shard(two_processes))
 
 
