@@ -11,6 +11,7 @@ import os
 
 TRACEBACK_ENV = "BOF_TRACEBACK"
 USER_ERROR_EXIT_CODE = 2
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM: a run stopped before its end, as a shell reports a killed one
 
 
 class UserError(Exception):

@@ -27,8 +27,9 @@ from typing import Any
 import yaml
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from common.errors import USER_ERROR_EXIT_CODE, ConfigError, show_tracebacks, user_error_in
+from common.errors import SIGTERM_EXIT_CODE, USER_ERROR_EXIT_CODE, ConfigError, show_tracebacks, user_error_in
 from common.files import check_creatable_dir
 from lightning_modules.trainer import Trainer
 from models.checkpoints import LIGHTNING_SPECIAL_PATHS, check_class_path, check_network, read_checkpoint
@@ -282,9 +283,14 @@ def build_cli(args: Sequence[str] | None = None, cli_class: type[SuiteCLI] = Sui
 
 
 def run_cli(args: Sequence[str] | None = None) -> SuiteCLI:
-    """``train.py fit|validate|test``: the CLI, with user errors printed as one message and exit code 2."""
+    """``train.py fit|validate|test``: the CLI, with user errors printed as one message and exit code 2, and a
+    run stopped by SIGTERM exiting 143 (128 + 15): Lightning ends it with a bare SystemExit, exit code 0, which
+    would tell the pipeline (or a cluster script) that an unfinished fit had finished."""
     try:
         return build_cli(args)
+    except SIGTERMException:
+        print("stopped by SIGTERM before the end: exit code 143", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
     except Exception as err:
         user_error = user_error_in(err)
         if user_error is None or show_tracebacks():

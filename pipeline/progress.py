@@ -1,8 +1,8 @@
 """The picture of a reproduction, from the files it writes: which stage is done, running or waiting, for how
 long, what the running stage is doing (common/progress.py) and the time left.
 
-``reproduce`` prints it while it runs (:class:`Watcher`: a line per running stage every few seconds on a
-terminal, every minute into a log, only when something changed); ``reproduce --status --out DIR`` prints it
+``reproduce`` shows it while it runs (:class:`Watcher`: redrawn in place on a terminal; into a log or a pipe, a
+line per running stage at most every minute, only when something changed); ``reproduce --status --out DIR`` prints it
 once from another terminal or after the run (:func:`status`), reading files only.
 
 The time left: the remaining stages' compute (pipeline/cost.py) at the rate the finished stages of this run
@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+
+from rich.console import RenderableType
 
 from common import progress
 from common.files import read_json
@@ -147,33 +149,64 @@ def status(out: Path, stages: Sequence[Stage], extra_args: Sequence[str] = ()) -
     return "\n".join(picture(out, stages, estimate))
 
 
+# How often the live view redraws on a terminal, and how often plain lines may appear in a log or a pipe.
+TERMINAL_REFRESH_S, PLAIN_EVERY_S = 1.0, 60.0
+
+
 class Watcher:
-    """While the runner runs, a line per running stage when its progress has changed, at most every
-    ``every_s`` seconds (default 5 on a terminal, 60 into a log)."""
+    """While the runner runs, show what the stages are doing.
+
+    On a terminal: the whole picture (every stage's state, the running stages' progress, the time left), redrawn
+    in place every ``TERMINAL_REFRESH_S`` seconds by rich's live display; the runner's own lines print above it.
+    Otherwise (a log file, a pipe, CI): a plain line per running stage when its progress has changed, at most every
+    ``every_s`` seconds (default ``PLAIN_EVERY_S``), never a redraw and never a flood."""
 
     def __init__(self, out: Path, stages: Sequence[Stage], extra_args: Sequence[str] = (),
-                 echo: Callable[[str], None] = print, every_s: float | None = None) -> None:
+                 echo: Callable[[str], None] = print, every_s: float | None = None,
+                 terminal: bool | None = None) -> None:
         self.out, self.stages, self.echo = Path(out), list(stages), echo
-        self.every_s = every_s if every_s is not None else (5.0 if sys.stdout.isatty() else 60.0)
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.every_s = every_s if every_s is not None else (TERMINAL_REFRESH_S if self.terminal else PLAIN_EVERY_S)
         self.estimate = Estimate(stages, out, extra_args)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reproduce-progress", daemon=True)
         self._shown: dict[str, str] = {}
+        self._live = None
 
     def __enter__(self) -> Watcher:
+        if self.terminal:
+            from rich.live import Live
+
+            # redirect_stdout: the runner's print()s appear above the picture instead of breaking it
+            self._live = Live(self.render(), refresh_per_second=4, auto_refresh=False, redirect_stdout=True,
+                              redirect_stderr=True)
+            self._live.start()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self._live is not None:
+            self._live.update(self.render(), refresh=True)  # the final picture stays on screen
+            self._live.stop()
+
+    def render(self) -> RenderableType:
+        from rich.text import Text
+
+        return Text("\n".join(picture(self.out, self.stages, self.estimate)))
 
     def _run(self) -> None:
-        self.estimate.compute()
+        # The estimate parses every command (seconds): compute it beside, and show progress from the start.
+        threading.Thread(target=self.estimate.compute, name="reproduce-estimate", daemon=True).start()
         while not self._stop.wait(self.every_s):
-            self.tick()
+            if self._live is not None:
+                self._live.update(self.render(), refresh=True)
+            else:
+                self.tick()
 
     def tick(self) -> None:
+        """The plain lines: one per running stage whose progress changed since the last one."""
         states = [stage_state(self.out, s, live=True) for s in self.stages]
         left, _ = self.estimate.seconds_left(states)
         for i, s in enumerate(states, start=1):

@@ -65,6 +65,14 @@ class PipelineError(UserError, RuntimeError):
     """The pipeline cannot go on; the message names the stage and what to do."""
 
 
+class StageStopped(Exception):
+    """A stage whose commands the runner stopped (another stage failed, Ctrl-C, SIGTERM): no record is written,
+    and its attempt resumes or reruns next time, as after a kill."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"stage {stage!r} stopped before it finished")
+
+
 class StageFailed(PipelineError):
     """A command of a stage failed."""
 
@@ -250,6 +258,7 @@ class Runner:
                                 "nodes, so use --jobs 1")
         self._publisher: Publisher | None = None
         self.watch = watch
+        self._stopping = threading.Event()  # set when a concurrent run stops its other stages
         self.slices = list(slices) if slices is not None else (machine_slices(jobs) if jobs > 1 else [{}])
         if len(self.slices) < jobs:
             raise PipelineError(f"{jobs} jobs need {jobs} machine slices, got {len(self.slices)}")
@@ -332,6 +341,7 @@ class Runner:
                 + ". Write them, or leave those stages out with --only STAGE ...")
         self.check_commands()
         reproduction = self.reproduction_id()
+        self._stopping.clear()
         with exclusive(self.out / LOCK):
             if self.launch.kind == "torchrun" and self.launch.nodes > 1:  # the other nodes follow our launches
                 self._publisher = Publisher(self.out, self.launch.rdzv_id)
@@ -405,6 +415,7 @@ class Runner:
                         prefix = f"[{self.selected.index(stage) + 1}/{total}] {stage.name}:"
                         self.echo(f"{prefix} done in {records[stage.name]['timings']['total'] / 60:.1f} min")
             except BaseException:
+                self._stopping.set()  # before the children go: a stopped command must not count as finished
                 stop_children()
                 raise
         return records
@@ -445,9 +456,13 @@ class Runner:
             launched = self.launch.wrap(argv, stage.kind, f"{decision.key[:16]}-{label}-{time.time_ns()}")
             if self._publisher is not None and stage.kind == "train":
                 self._publisher.publish(stage.name, launched, ours)
+            if self._stopping.is_set():
+                raise StageStopped(stage.name)
             t0 = time.monotonic()
             code = self.execute(launched, log, env)
             timings[label] = round(time.monotonic() - t0, 2)
+            if self._stopping.is_set():  # stopped by us: whatever it returned, it did not finish
+                raise StageStopped(stage.name)
             if code != 0:
                 raise StageFailed(stage.name, label, code, log, launched)
             if label == "fit" and not last_checkpoint(self.out, stage.name).is_file():

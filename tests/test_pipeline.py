@@ -116,7 +116,7 @@ def test_stage_key_changes_with_config_bytes_overrides_and_upstream_only(tmp_pat
 
 
 def test_every_preset_is_a_valid_graph():
-    for name in ("mini", "paper", "tiny"):
+    for name in ("quick", "mini", "paper", "tiny"):
         stages = preset(name)
         assert stages[0].name == "standard"
     members = [s.name for s in preset("paper") if s.name.startswith("ensemble_seed_")]
@@ -131,6 +131,44 @@ def test_every_preset_is_a_valid_graph():
     paper = {s.name: s for s in preset("paper")}  # Nakkiran's models are ResNet-18s, Ilyas's ResNet-50s
     assert paper["nakkiran_ddet_l2"].deps[0] == "standard_resnet18" and "resnet18" in paper["ensemble_seed_1"].overrides
     assert paper["transfer"].deps[-1] == "fresh_resnet18" and "resnet18" not in paper["fresh"].overrides
+
+
+def test_quick_is_mini_stages_with_smaller_sizes_only(tmp_path):
+    """Smaller than mini by sizes and epochs only: each quick stage is mini's stage of that name (same config,
+    same base, same tests) with size arguments appended, so its key differs and a mini run never reuses it."""
+    from pipeline.presets import QUICK
+
+    quick, mini = preset("quick"), {s.name: s for s in preset("mini")}
+    assert [s.name for s in quick] == ["standard", "standard_nowhiten", "ensemble_seed_1", "ensemble_seed_2",
+                                       "d_det", "nakkiran_ddet_l2"]
+    sizes = {"--trainer.max_epochs", "--data.init_args.train_size"}
+    for stage in quick:
+        same = mini[stage.name]
+        assert (stage.config, stage.base, stage.tests) == (same.config, same.base, same.tests), stage.name
+        added = stage.overrides[len(same.overrides):] if stage.name != "nakkiran_ddet_l2" else QUICK[stage.name]
+        assert set(added[::2]) <= sizes, (stage.name, added)
+        assert stage_key(stage, preset="quick", dep_ids={d: "r" for d in stage.deps}) != stage_key(
+            same, preset="mini", dep_ids={d: "r" for d in same.deps})
+    # Nakkiran's D_det: the mini target and members (2 of its 3), the mini attack config.
+    nakkiran = next(s for s in quick if s.name == "nakkiran_ddet_l2")
+    assert nakkiran.deps == ("standard_nowhiten", "ensemble_seed_1", "ensemble_seed_2")
+    assert nakkiran.config == mini["nakkiran_ddet_l2"].config
+
+    fake = run_preset(quick, tmp_path, "quick")
+    assert len(fake.calls) == 6 * 2 + 2  # every stage fits and tests; the two D_det stages also on y + 1
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert {row["id"].split(".")[0] for row in summary["claims"]} == {"standard", "d_det", "nakkiran_ddet_l2"}
+    assert "| not run |" not in (tmp_path / "results.md").read_text()  # only the rows of what it ran
+    with pytest.raises(PipelineError, match="holds a reproduction of preset 'quick'.*--out"):
+        Runner(preset("mini"), tmp_path, preset="mini", execute=FakeRun(), preflight=None, echo=lambda _: None).run()
+
+
+def run_preset(stages, out, name) -> FakeRun:
+    """Every stage of ``stages`` through FakeRun, then the report."""
+    fake = FakeRun()
+    Runner(stages, out, preset=name, execute=fake, preflight=None, echo=lambda _: None).run()
+    write_report(out, stages, name)
+    return fake
 
 
 def test_measure_stages_get_the_logger_configs_of_the_stage_arguments(tmp_path):
@@ -430,6 +468,48 @@ def test_run_dir_redirects_loggers_checkpoints_and_output_dirs():
     bare = Namespace(default_root_dir=None, logger=True, callbacks=None)  # Lightning's defaults
     redirect_outputs(bare, "/r")
     assert bare.default_root_dir == "/r" and bare.logger is True
+
+
+def test_a_fit_stopped_by_sigterm_exits_143_not_0(tmp_path, data_dir):
+    """Lightning ends a SIGTERM'd fit with a bare SystemExit (exit code 0); train.py turns it into 143, so the
+    pipeline (or a cluster script) never records an unfinished fit as finished."""
+    progress_file = tmp_path / "progress.json"
+    env = {**os.environ, "BOF_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", progress.PROGRESS_FILE_ENV:
+           str(progress_file), progress.INTERVAL_ENV: "0"}
+    fit = subprocess.Popen([sys.executable, "train.py", "fit", "--config", "configs/mini/base.yaml", "--config",
+                            "configs/mini/standard.yaml", "--config", "configs/ci/tiny.yaml", "--trainer.max_epochs",
+                            "1000", "--run_dir", str(tmp_path / "run")], cwd=Path(__file__).resolve().parents[1],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (progress_file.is_file() and "fit epoch" in progress_file.read_text()):
+            assert time.monotonic() < deadline and fit.poll() is None, "the fit never started its epochs"
+            time.sleep(0.2)
+        fit.send_signal(signal.SIGTERM)
+        output, _ = fit.communicate(timeout=120)
+    finally:
+        fit.kill()
+    assert fit.returncode == 143, output[-2000:]
+    assert "Received SIGTERM" in output and "exit code 143" in output
+
+
+def test_a_stage_running_when_another_fails_is_not_recorded_as_finished(graph, tmp_path):
+    """The concurrent runner stops the other stages when one fails; a stopped command may still exit 0 (as a
+    SIGTERM'd Lightning fit did), and must not make its stage finished."""
+    def execute(argv, log, env):
+        stage = Path(argv[argv.index("--run_dir") + 1]).name
+        if stage == "a":
+            time.sleep(0.2)
+            return 3
+        time.sleep(1.0)  # d: still running when a fails; returns 0 after the stop
+        (Path(argv[argv.index("--run_dir") + 1]) / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (Path(argv[argv.index("--run_dir") + 1]) / "checkpoints" / "last.ckpt").write_bytes(b"w")
+        return 0
+
+    with pytest.raises(StageFailed, match="stage 'a' failed"):
+        Runner(graph, tmp_path, preset="test", execute=execute, preflight=None, echo=lambda _: None, jobs=2,
+               slices=[{}, {}]).run()
+    assert (tmp_path / "d" / ATTEMPT_JSON).is_file() and not (tmp_path / "d" / STAGE_JSON).exists()
 
 
 def test_stopping_the_pipeline_stops_the_running_stage(tmp_path):

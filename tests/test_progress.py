@@ -93,3 +93,82 @@ def test_status_reads_the_preset_from_the_folder_and_refuses_an_empty_one(tmp_pa
     with pytest.raises(SystemExit):
         train.main(["reproduce", "--status", "--out", str(tmp_path / "nothing")])
     assert "holds no reproduction" in capsys.readouterr().err
+
+
+# A reproduction of one fake stage, watched as a user sees it: the command reports 5 steps 0.4 s apart.
+WATCHED_RUN = r"""
+import os, sys, time
+from pathlib import Path
+import pipeline.progress
+from common import progress
+from pipeline.runner import Runner
+from pipeline.stages import train_stage
+
+pipeline.progress.PLAIN_EVERY_S = 0.3  # the plain lines' interval, shortened for the test (default: a minute)
+out = Path(sys.argv[1])
+config = out.parent / "a.yaml"
+config.write_text("seed_everything: 0\n")
+
+def execute(argv, log, env):
+    os.environ[progress.PROGRESS_FILE_ENV] = env[progress.PROGRESS_FILE_ENV]
+    for step in range(1, 6):
+        progress.report("fit epoch 1/1", step, 5, "batches", force=True)
+        time.sleep(0.4)
+    checkpoints = Path(argv[argv.index("--run_dir") + 1]) / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "last.ckpt").write_bytes(b"weights")
+    return 0
+
+Runner([train_stage("a", str(config), tests=())], out, preset="watched", execute=execute, preflight=None,
+       watch=True).run()
+"""
+
+
+def watched(tmp_path, through: str) -> str:
+    """The run's output through a pseudo-terminal (as in a terminal) or a pipe (as into a log)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "xterm", "COLUMNS": "160"}
+    argv = [sys.executable, "-c", WATCHED_RUN, str(tmp_path / "out")]
+    if through == "pipe":
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    main, follower = pty.openpty()
+    child = subprocess.Popen(argv, env=env, stdout=follower, stderr=follower, stdin=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the terminal closed: the child has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert child.wait(timeout=60) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_on_a_terminal_the_whole_picture_is_redrawn_in_place(tmp_path):
+    shown = watched(tmp_path, "pty")
+    assert "\x1b[" in shown  # cursor control: the picture is redrawn, not appended
+    assert "[1/1] a" in shown and "running" in shown and "fit epoch 1/1: " in shown and "batches" in shown
+    assert "stages done" in shown  # the summary line of the picture
+    final = shown.rsplit("[1/1] a", 1)[1]
+    assert "done" in final.split("\n")[0]  # the last picture left on screen: the stage done
+    assert "run (not run yet)" in shown  # the runner's own lines still appear
+
+
+def test_into_a_pipe_plain_lines_only_when_something_changed(tmp_path):
+    shown = watched(tmp_path, "pipe")
+    assert "\x1b" not in shown  # no escape codes in a log
+    lines = shown.splitlines()
+    progress_lines = [line for line in lines if line.startswith("[1/1] a: fit epoch")]
+    assert 1 <= len(progress_lines) <= 5, lines  # at most one per change (5 steps), not one per redraw
+    assert len(set(progress_lines)) == len(progress_lines)
+    assert len(lines) <= 10, lines  # never a flood
