@@ -19,11 +19,11 @@ every stage taking a source model reads, with ``imported_from`` recording the so
 from __future__ import annotations
 
 import argparse
-import hashlib
 import pickle
 import sys
 import zipfile
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 
 from common.datasets import CIFAR10_MEAN as CIFAR_MEAN
 from common.datasets import CIFAR10_STD as CIFAR_STD
-from common.files import file_hash
+from common.files import file_hash, temporary_name
 from models.checkpoints import CheckpointError, _first_line
 from models.networks import build_model
 
@@ -62,8 +62,9 @@ def library_keys(arch: str = "resnet50") -> list[str]:
     return [*keys, "linear.weight", "linear.bias"]
 
 
-def read_library_checkpoint(path: Path) -> dict:
-    """The file's dict, read with torch's restricted unpickler (plus numpy scalars); CheckpointError otherwise."""
+def read_library_checkpoint(path: Path, *, need_model: bool = True) -> dict:
+    """The file's dict, read with torch's restricted unpickler (plus numpy scalars); CheckpointError otherwise
+    (and, with ``need_model``, when it has no ``model`` state dict)."""
     safe = [np.dtype, type(np.dtype("float64")), type(np.dtype("int64")), type(np.dtype("float32"))]
     scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2 and 1
     try:
@@ -77,61 +78,87 @@ def read_library_checkpoint(path: Path) -> dict:
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as err:
         raise CheckpointError(f"{path} is damaged or truncated (torch could not read it: {_first_line(err)}). "
                               "Download it again") from err
-    if not isinstance(loaded, Mapping) or not isinstance(loaded.get("model"), Mapping):
+    if not isinstance(loaded, Mapping) or (need_model and not isinstance(loaded.get("model"), Mapping)):
         found = sorted(map(str, loaded))[:8] if isinstance(loaded, Mapping) else type(loaded).__name__
         raise CheckpointError(f"{path} is not a robustness-library checkpoint: it needs a 'model' state dict "
                               f"(found {found})")
     return dict(loaded)
 
 
-def import_checkpoint(source: str | Path, out: str | Path, arch: str = "resnet50") -> Path:
-    """Write the suite checkpoint of the library checkpoint ``source`` to ``out``; returns ``out``."""
-    source, out = Path(source), Path(out)
-    if not source.is_file():
-        raise CheckpointError(f"{source} not found: pass the path of a robustness-library .pt file")
-    loaded = read_library_checkpoint(source)
+def library_arch(loaded: Mapping, source: Path) -> str:
+    """The CIFAR ResNet (``BLOCKS``) whose keys the file's network has; CheckpointError if none."""
+    weights = {k[len(NETWORK_PREFIX):] for k in loaded["model"] if k.startswith(NETWORK_PREFIX)}
+    for arch in BLOCKS:
+        if weights == set(library_keys(arch)):
+            return arch
+    nearest = min(BLOCKS, key=lambda a: len(weights ^ set(library_keys(a))))
+    missing, extra = sorted(set(library_keys(nearest)) - weights), sorted(weights - set(library_keys(nearest)))
+    raise CheckpointError(
+        f"{source} is not one of the library's CIFAR ResNets ({', '.join(BLOCKS)}): against its {nearest}, "
+        f"{len(missing)} keys are missing (e.g. {missing[:3]}) and {len(extra)} are extra (e.g. {extra[:3]})")
+
+
+def suite_checkpoint(loaded: Mapping, source: Path, arch: str | None = None) -> dict:
+    """The suite checkpoint (Lightning format) of the library checkpoint ``loaded`` read from ``source``.
+    ``arch``: the architecture to expect (None: the one its keys name)."""
+    found = library_arch(loaded, source)
+    if arch is not None and found != arch:
+        raise CheckpointError(f"{source} holds the library's CIFAR {found}, not the {arch} asked for: pass --arch "
+                              f"{found}, or the file of a {arch}")
     state = loaded["model"]
     weights = {k[len(NETWORK_PREFIX):]: v for k, v in state.items() if k.startswith(NETWORK_PREFIX)}
-    expected = library_keys(arch)
-    if set(weights) != set(expected):
-        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        raise CheckpointError(
-            f"{source} is not the library's CIFAR {arch}: {len(missing)} of its keys are missing (e.g. "
-            f"{missing[:3]}) and {len(extra)} are extra (e.g. {extra[:3]}). Pass a file of that architecture "
-            f"(--arch names the one to expect: {', '.join(BLOCKS)})")
     for name, want in (("new_mean", CIFAR_MEAN), ("new_std", CIFAR_STD)):
         have = state.get(NORMALIZER_PREFIX + name)
         if have is None or not torch.allclose(have.flatten().float(), torch.tensor(want), atol=1e-4):
             raise CheckpointError(f"{source}: its input normalisation {name} is "
                                   f"{None if have is None else have.flatten().tolist()}, not CIFAR-10's {list(want)}"
                                   ": the suite's network would see other inputs than the one that was trained")
-    model = build_model(arch)
+    expected = library_keys(found)
+    model = build_model(found)
     ours = model.state_dict()
     targets = [k for k in ours if not k.startswith("normalize.")]
     if len(targets) != len(expected):
-        raise CheckpointError(f"internal: the suite's {arch} has {len(targets)} tensors, the library's "
+        raise CheckpointError(f"internal: the suite's {found} has {len(targets)} tensors, the library's "
                               f"{len(expected)}")
     mapped = {}
     for theirs, mine in zip(expected, targets, strict=True):
         tensor = weights[theirs]
         if tuple(tensor.shape) != tuple(ours[mine].shape):
-            raise CheckpointError(f"{source}: {theirs} has shape {tuple(tensor.shape)} where the suite's {arch} "
+            raise CheckpointError(f"{source}: {theirs} has shape {tuple(tensor.shape)} where the suite's {found} "
                                   f"({mine}) needs {tuple(ours[mine].shape)}")
         mapped[mine] = tensor.to(ours[mine].dtype)
     model.load_state_dict({**{k: v for k, v in ours.items() if k.startswith("normalize.")}, **mapped})
-    checkpoint = {
-        "hyper_parameters": {"arch": arch, "num_classes": 10, "in_channels": 3, "mean": list(CIFAR_MEAN),
+    epoch = loaded.get("epoch")
+    return {
+        # Lightning's `test --ckpt_path` reads the version to migrate old checkpoints; ours needs no migration
+        "pytorch-lightning_version": version("pytorch-lightning"),
+        "hyper_parameters": {"arch": found, "num_classes": 10, "in_channels": 3, "mean": list(CIFAR_MEAN),
                              "std": list(CIFAR_STD), "arch_kwargs": {}},
         "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
         "imported_from": {"library": "robustness", "file": source.name, "sha256": file_hash(source, "sha256"),
-                          "epoch": int(loaded["epoch"]) if isinstance(loaded.get("epoch"), int | np.integer)
-                          else None},
+                          "epoch": int(epoch) if isinstance(epoch, int | np.integer) else None},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(out)  # never a half-written checkpoint under the final name
+
+
+def import_checkpoint(source: str | Path, out: str | Path, arch: str | None = None) -> Path:
+    """Write the suite checkpoint of the library checkpoint ``source`` to ``out``; returns ``out``."""
+    source, out = Path(source), Path(out)
+    if not source.is_file():
+        raise CheckpointError(f"{source} not found: pass the path of a robustness-library .pt file")
+    checkpoint = suite_checkpoint(read_library_checkpoint(source), source, arch)
+    save_atomic(checkpoint, out)
     return out
+
+
+def save_atomic(checkpoint: dict, out: Path) -> None:
+    """``torch.save`` under a temporary name, then renamed: never a half-written checkpoint under ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(out)
+    try:
+        torch.save(checkpoint, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,15 +166,16 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="the robustness-library checkpoint (.pt)")
     p.add_argument("out", help="the suite checkpoint to write (.ckpt)")
-    p.add_argument("--arch", default="resnet50", choices=sorted(BLOCKS))
+    p.add_argument("--arch", default=None, choices=sorted(BLOCKS),
+                   help="the architecture to expect (default: the one the file's keys name)")
     args = p.parse_args(argv)
     try:
         written = import_checkpoint(args.source, args.out, args.arch)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    digest = hashlib.sha256(Path(args.source).read_bytes()).hexdigest()
-    print(f"imported {args.source} (sha256 {digest}) -> {written}")
+    record = torch.load(written, map_location="cpu", weights_only=True)["imported_from"]
+    print(f"imported {args.source} (sha256 {record['sha256']}) -> {written}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     python train.py reproduce --status --out runs/reproduce/mini  # what a run has done, is doing, has left
     python train.py reproduce --preset mini --only transfer      # one stage and what it needs
     python train.py reproduce --preset mini --force standard     # rerun standard and everything downstream
+    python train.py reproduce --preset paper --use standard=cifar_nat.pt adversarial_l2=cifar_l2_0_5.pt
+                                                                 # the authors' models instead of training ours
     python train.py reproduce --preset paper --trainer.accelerator gpu --trainer.devices 8 --trainer.strategy ddp
     python train.py reproduce --preset paper --rehearse          # the paper graph at CPU sizes, end to end
     python train.py reproduce --preset paper --jobs 8 --trainer.accelerator gpu   # 8 stages at once, a GPU each
@@ -27,7 +29,7 @@ from common.files import check_creatable_dir
 from pipeline.launch import LAUNCHERS, follow, from_environment
 from pipeline.presets import PRESETS, preset
 from pipeline.runner import Runner, exit_on_sigterm, run_subprocess
-from pipeline.stages import commands
+from pipeline.stages import commands, with_imports
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
                    help="rerun these stages from scratch, and everything downstream")
     p.add_argument("--only", nargs="+", default=[], action="extend", metavar="STAGE",
                    help="run only these stages and the stages they need")
+    p.add_argument("--use", nargs="+", default=[], action="extend", metavar="STAGE=FILE",
+                   help="take this model instead of training the stage's own: a robustness-library checkpoint "
+                        "(cifar_nat.pt, cifar_l2_0_5.pt, ...) or a suite .ckpt; read without running code in it, "
+                        "tested like the stage's own, named with its sha256 in the report")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument("--stage-args", default="", metavar="ARGS",
                    help="extra arguments for every train.py command, e.g. \"--trainer.devices 8\"")
@@ -112,6 +118,19 @@ def print_status(args: argparse.Namespace) -> dict:
     return {}
 
 
+def parse_uses(uses: Sequence[str]) -> dict[str, str]:
+    """``["standard=FILE", ...]`` as ``{"standard": "FILE"}``; a malformed entry is a usage error."""
+    pairs = {}
+    for use in uses:
+        stage, sep, file = use.partition("=")
+        if not sep or not stage or not file:
+            parser().error(f"--use {use}: write STAGE=FILE, e.g. --use standard=cifar_nat.pt")
+        if stage in pairs:
+            parser().error(f"--use names stage {stage!r} twice")
+        pairs[stage] = file
+    return pairs
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the reproduction; the stage records. ``--trainer.*`` arguments pass through to every train.py run."""
     args, unknown = parser().parse_known_args(argv)
@@ -134,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             return {}
         extra = [*launch.trainer_args(), *unknown, *shlex.split(args.stage_args)]  # the user's come last: they win
         check_creatable_dir(out, "--out")
-        stages = preset(args.preset, rehearse=args.rehearse)
+        stages = with_imports(preset(args.preset, rehearse=args.rehearse), parse_uses(args.use))
         runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only,
                         jobs=args.jobs, launch=launch, watch=True)
         t0 = time.monotonic()

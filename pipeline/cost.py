@@ -111,8 +111,12 @@ def reproduction_flops(stages: Sequence, out: Path, extra_args: Sequence[str] = 
     for stage in stages:
         steps = dict(commands(stage, out, extra_args))
         if stage.kind == "train":
-            fits[stage.name] = resolved_config(steps["fit"][2:])
+            # An imported model trains nothing; its first test's config describes its network.
+            first = steps.get("fit") or steps[stage.tests[0].label]
+            fits[stage.name] = resolved_config(first[2:])
             costs[stage.name] = train_stage_flops(fits[stage.name], tests=len(stage.tests))
+            if stage.imported:
+                costs[stage.name] = {k: v for k, v in costs[stage.name].items() if k not in ("train", "generation")}
             data = json.dumps(fits[stage.name]["data"], sort_keys=True, default=str)
             if "generation" in costs[stage.name] and data in datasets:
                 costs[stage.name]["generation"] = 0.0  # the same constructed set as an earlier stage: cached

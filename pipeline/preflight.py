@@ -3,7 +3,8 @@
 
 Train commands are parsed by the suite's LightningCLI parser (``lightning_modules.cli.check_command``: nothing is
 built and no checkpoint is read, so commands that use checkpoints of stages yet to run parse too); measure
-commands by ``pipeline.measure``'s argparse parser.
+commands by ``pipeline.measure``'s argparse parser; an import (``--use``) by reading its file, without running
+any code in it (``models.imported``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import io
 from collections.abc import Sequence
 
-from pipeline.stages import MEASURE_MODULE_NAME, TRAIN_PY
+from pipeline.stages import IMPORT_MODULE_NAME, MEASURE_MODULE_NAME, TRAIN_PY
 
 
 def command_error(argv: Sequence[str]) -> str | None:
@@ -28,6 +29,15 @@ def command_error(argv: Sequence[str]) -> str | None:
         except SystemExit:
             lines = stderr.getvalue().strip().splitlines()
             return lines[-1] if lines else "its arguments do not parse"
+        return None
+    if argv[1:3] == ["-m", IMPORT_MODULE_NAME]:
+        from models.checkpoints import CheckpointError
+        from models.imported import network_of
+
+        try:
+            network_of(argv[3])
+        except CheckpointError as err:
+            return str(err)
         return None
     if argv[1:2] == [str(TRAIN_PY)]:
         from lightning_modules.cli import check_command

@@ -54,6 +54,13 @@ def markdown(preset: str, reproduction: str | None, records: dict[str, dict | No
         lines += [f"| {r['experiment']} | {r['paper']} | {fmt(r['suite'], r['percent'])} | {r['claim'] or ''} | "
                   f"{verdict(r)} |" for r in rows if r["section"] == section]
         lines.append("")
+    if imported := {n: r["imported"] for n, r in records.items() if r and r.get("imported")}:
+        lines += ["## Imported models", "", "These stages tested a model given with `--use` instead of training "
+                  "their own; every stage downstream of them used it.", "",
+                  "| stage | file | format | network | sha256 |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | `{i['file']}` | {i['format']} | {i['network']['arch']} | `{i['sha256']}` |"
+                  for n, i in imported.items()]
+        lines.append("")
     lines += ["## Figures", ""]
     lines += [f"![{name}]({path.relative_to(out)})" for name, path in made.items()] or ["(no stage has run yet)"]
     lines += ["", "## Time per stage (minutes)", "",

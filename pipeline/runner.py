@@ -40,6 +40,9 @@ from pipeline.preflight import command_error
 from pipeline.progress import Watcher
 from pipeline.stages import (  # noqa: F401
     ATTEMPT_JSON,
+    FIT,
+    IMPORT,
+    IMPORTED_JSON,
     LOCK,
     LOG,
     MEASURE_JSON,
@@ -450,11 +453,12 @@ class Runner:
         steps = commands(stage, self.out, self.extra_args, resume=resume)
         timings = {}
         for label, argv in steps:
-            if label != "fit":  # a test / measure output of an earlier attempt must not be read as this one's
+            if label not in (FIT, IMPORT):  # an earlier attempt's test / measure output must not be read as ours
                 shutil.rmtree(directory / label, ignore_errors=True)
                 (directory / MEASURE_JSON).unlink(missing_ok=True)
-            launched = self.launch.wrap(argv, stage.kind, f"{decision.key[:16]}-{label}-{time.time_ns()}")
-            if self._publisher is not None and stage.kind == "train":
+            kind = "measure" if label == IMPORT else stage.kind  # an import is one process, like a measure
+            launched = self.launch.wrap(argv, kind, f"{decision.key[:16]}-{label}-{time.time_ns()}")
+            if self._publisher is not None and kind == "train":
                 self._publisher.publish(stage.name, launched, ours)
             if self._stopping.is_set():
                 raise StageStopped(stage.name)
@@ -465,7 +469,7 @@ class Runner:
                 raise StageStopped(stage.name)
             if code != 0:
                 raise StageFailed(stage.name, label, code, log, launched)
-            if label == "fit" and not last_checkpoint(self.out, stage.name).is_file():
+            if label == FIT and not last_checkpoint(self.out, stage.name).is_file():
                 raise StageFailed(stage.name, label, code, log, argv, why=(
                     f"fit wrote no {last_checkpoint(self.out, stage.name)}: its config needs a "
                     "pytorch_lightning.callbacks.ModelCheckpoint with save_last: true"))
@@ -485,6 +489,7 @@ class Runner:
             "timings": timings, "started": started, "finished": now(), "versions": self.versions(),
             "machine_slice": machine_slice or {}, "launch": self.launch.describe(),
             "numerics": read_json(directory / NUMERICS_JSON),  # the fit's resolved precision (train stages)
+            "imported": read_json(directory / IMPORTED_JSON),  # --use: where the stage's model came from
         }
         write_json_atomic(directory / STAGE_JSON, record)
         return record

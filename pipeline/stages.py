@@ -4,7 +4,9 @@ A *train* stage is ``python train.py fit --config BASE --config C [overrides] --
 scale's shared file, C: the experiment's) followed by one
 ``python train.py test ... --ckpt_path OUT/<stage>/checkpoints/last.ckpt`` per entry of ``tests`` (each with its
 own run directory ``OUT/<stage>/<label>``, so their results stay apart). A *measure* stage is
-``python -m pipeline.measure NAME --out OUT/<stage> [args]``. Either can be copied from ``stage.log`` and run
+``python -m pipeline.measure NAME --out OUT/<stage> [args]``. An *imported* train stage (``reproduce --use
+STAGE=FILE``) replaces its fit by ``python -m models.imported FILE OUT/<stage>/checkpoints/last.ckpt`` and tests
+that model as the stage would test its own. Either can be copied from ``stage.log`` and run
 by hand.
 
 Arguments may name other stages' outputs with placeholders, expanded when the command is built:
@@ -14,6 +16,7 @@ A stage must list every stage it refers to in ``deps``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
 MEASURE_MODULE = "pipeline/measure.py"  # the "config" of a measure stage: its code enters the key
 MEASURE_MODULE_NAME = "pipeline.measure"
+IMPORT_MODULE_NAME = "models.imported"
+FIT, IMPORT = "fit", "import"  # the first step of a train stage: train its model, or import one
 KEY_FORMAT = 1  # bump when the meaning of a key field changes
 PLACEHOLDER = re.compile(r"\{(ckpt|dir):([A-Za-z0-9_]+)\}|\{out\}")
 
@@ -42,6 +47,7 @@ LAST = "last.ckpt"
 # by pipeline/progress.py. numerics.json is written by lightning_modules/trainer.py into a fit's run directory.
 STAGE_JSON, ATTEMPT_JSON, LOG, MEASURE_JSON = "stage.json", "attempt.json", "stage.log", "measure.json"
 NUMERICS_JSON, REPRODUCTION_JSON, LOCK = "numerics.json", "reproduction.json", "reproduce.lock"
+IMPORTED_JSON = "imported.json"  # an imported stage's record of its model's origin (models/imported.py)
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ TEST_AND_SHIFTED = (Test("test"), Test("test_shift1", ("--data.init_args.test_la
 @dataclass(frozen=True)
 class Stage:
     """One node of the graph. ``config`` is the experiment's YAML config (train stage), stacked on the ``base``
-    configs, or ``MEASURE_MODULE`` (measure stage, with ``measure`` naming the function of ``pipeline.measure``)."""
+    configs, or ``MEASURE_MODULE`` (measure stage, with ``measure`` naming the function of ``pipeline.measure``).
+    ``imported``: the absolute path of a model file that replaces the train stage's fit (``with_imports``)."""
 
     name: str
     config: str
@@ -74,6 +81,7 @@ class Stage:
     tests: tuple[Test, ...] = TEST
     measure: str | None = None
     base: tuple[str, ...] = ()
+    imported: str | None = None
 
     @property
     def kind(self) -> str:
@@ -150,6 +158,35 @@ def auto_precision() -> dict[str, str]:
     return {t: str(resolve_precision(AUTO, t)[0]) for t in types}
 
 
+@functools.cache
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def imported_sha256(path: str) -> str:
+    """sha256 of an imported model file (cached per file version: keys are computed more than once)."""
+    file = Path(path)
+    if not file.is_file():
+        raise StageError(f"imported model {path} not found: check the --use STAGE=FILE paths")
+    stat = file.stat()
+    return _sha256(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+def with_imports(stages: Sequence[Stage], uses: Mapping[str, str | Path]) -> list[Stage]:
+    """``stages`` with the train stages named in ``uses`` (stage -> model file) taking that model instead of
+    training their own; the stages downstream read it as they would read the trained one."""
+    by_name = {s.name: s for s in stages}
+    for name, file in uses.items():
+        if name not in by_name or by_name[name].kind != "train":
+            trains = ", ".join(s.name for s in stages if s.kind == "train")
+            raise StageError(f"--use {name}=...: the preset has no train stage {name!r}; choose one of {trains}")
+        if not Path(file).is_file():
+            raise StageError(f"--use {name}={file}: no such file. Pass a robustness-library .pt file or a suite "
+                             ".ckpt (see python -m models.imported --help)")
+    return [dataclasses.replace(s, imported=str(Path(uses[s.name]).resolve())) if s.name in uses else s
+            for s in stages]
+
+
 def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_args: Sequence[str] = ()) -> str:
     """sha256 of everything that determines the stage's result: the bytes of its config file(s), its arguments
     (placeholders unexpanded, so the key does not depend on where OUT is), the pass-through trainer arguments,
@@ -166,6 +203,7 @@ def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_ar
         "extra_args": list(extra_args) if stage.kind == "train" else [],
         "deps": {d: dep_ids[d] for d in stage.deps},
         "auto_precision": auto_precision() if stage.kind == "train" else None,
+        **({"imported": imported_sha256(stage.imported)} if stage.imported else {}),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
@@ -210,9 +248,25 @@ def fit_command(stage: Stage, out: Path, extra_args: Sequence[str] = (), *, resu
     return cmd + ["--ckpt_path", "last"] if resume else cmd
 
 
+def import_command(stage: Stage, out: Path) -> list[str]:
+    return [sys.executable, "-m", IMPORT_MODULE_NAME, str(stage.imported), str(last_checkpoint(out, stage.name)),
+            "--record", str(stage_dir(out, stage.name) / IMPORTED_JSON)]
+
+
+def network_args(path: str) -> list[str]:
+    """``--model.init_args.*`` arguments that make a test's model the network of the model file ``path`` (an
+    imported model need not be the config's, e.g. the authors' ResNet-50 in place of mini's fast CNN)."""
+    from models.imported import network_of  # torch: imported here only, for imported stages
+
+    network = network_of(path)
+    return [a for key, value in network.items() if value is not None
+            for a in (f"--model.init_args.{key}", value if isinstance(value, str) else json.dumps(value))]
+
+
 def test_command(stage: Stage, test: Test, out: Path, extra_args: Sequence[str] = ()) -> list[str]:
+    network = network_args(stage.imported) if stage.imported else []
     return [sys.executable, str(TRAIN_PY), "test", *_configs(stage),
-            *_expanded(stage.overrides, out), *extra_args, *_expanded(test.args, out),
+            *_expanded(stage.overrides, out), *network, *extra_args, *_expanded(test.args, out),
             "--run_dir", str(stage_dir(out, stage.name) / test.label),
             "--ckpt_path", str(last_checkpoint(out, stage.name, test.checkpoint))]
 
@@ -227,10 +281,13 @@ def measure_command(stage: Stage, out: Path, extra_args: Sequence[str] = ()) -> 
 
 def commands(stage: Stage, out: Path, extra_args: Sequence[str] = (), *, resume: bool = False
              ) -> list[tuple[str, list[str]]]:
-    """The (step label, argv) pairs a stage runs, in order: ``fit`` then its tests, or ``measure``."""
+    """The (step label, argv) pairs a stage runs, in order: ``fit`` (or ``import``) then its tests, or
+    ``measure``."""
     if stage.kind == "measure":
         return [("measure", measure_command(stage, out, extra_args))]
-    return [("fit", fit_command(stage, out, extra_args, resume=resume)),
+    first = (IMPORT, import_command(stage, out)) if stage.imported else (FIT, fit_command(stage, out, extra_args,
+                                                                                          resume=resume))
+    return [first,
             *((t.label, test_command(stage, t, out, extra_args)) for t in stage.tests)]
 
 

@@ -1,0 +1,85 @@
+"""``reproduce --use STAGE=FILE``: a model from outside the reproduction (the authors' robustness-library
+checkpoints, or a suite checkpoint) tested in place of the stage's own and used by every stage downstream,
+named with its sha256 in the report; files that are unsafe or missing are refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, write_checkpoint
+from robustness_library import MARKER, Payload, library_file, resnet18
+from safetensors.torch import load_file
+
+from common.files import file_hash
+from pipeline.presets import preset
+from pipeline.runner import Runner
+from pipeline.stages import with_imports
+
+
+def reproduce(out: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {"BOF_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), "reproduce", "--preset", "tiny", "--out", str(out),
+                           *args], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def check_imported(out: Path, stage: str, source: Path, kind: str, network: dict) -> None:
+    """``stage`` tested the model of ``source`` (as it tests its own), trained nothing, and the report names it."""
+    record = json.loads((out / stage / "stage.json").read_text())
+    assert "fit" not in record["timings"] and "import" in record["commands"]
+    assert record["imported"]["sha256"] == file_hash(source, "sha256")
+    assert record["imported"]["format"] == kind and network.items() <= record["imported"]["network"].items()
+    test = record["results"]["test"]
+    assert 0 <= test["metrics"]["test/acc"] <= 1 and test["sweep"]
+    report = (out / "results.md").read_text()
+    assert "## Imported models" in report and file_hash(source, "sha256") in report
+
+
+def test_an_imported_model_is_tested_in_place_of_the_stage_and_used_downstream(tmp_path, data_dir):
+    # A suite checkpoint (e.g. from another machine) of another network than the stage's config builds
+    ours = write_checkpoint(tmp_path / "standard.ckpt", seed=3, arch_kwargs={"widths": [4, 8, 16]})
+    out = tmp_path / "out"
+    result = reproduce(out, data_dir, "--only", "d_det", "--use", f"standard={ours}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_imported(out, "standard", ours, "suite", {"arch": "fast_cnn", "arch_kwargs": {"widths": [4, 8, 16]}})
+    (manifest,) = (out / "constructed").glob("*/manifest.json")  # D_det was generated from the imported model
+    sources = json.loads(manifest.read_text())["sources"]
+    assert [s["sha256"] for s in sources] == [file_hash(out / "standard" / "checkpoints" / "last.ckpt", "sha256")]
+    assert load_file(next((out / "constructed").glob("*/shard_00000.safetensors")))
+
+    def plan(standard: Path) -> dict[str, str]:
+        stages = with_imports(preset("tiny"), {"standard": standard})
+        return {d.stage.name: d.action for d in Runner(stages, out, preset="tiny", only=["d_det"]).plan()}
+
+    # The file's sha256 is in the key: the same file is cached, another reruns the stage and what is downstream
+    assert plan(ours) == {"standard": "cached", "d_det": "cached"}
+    assert plan(write_checkpoint(tmp_path / "other.ckpt", seed=4)) == {"standard": "run", "d_det": "run"}
+
+
+@pytest.mark.slow
+def test_the_authors_resnet_is_tested_in_place_of_the_cnn_of_a_mini_stage(tmp_path, data_dir):
+    authors = tmp_path / "cifar_l2_0_5.pt"  # the robustness library's format; its ResNet-18, not mini's CNN
+    library_file(authors, resnet18())
+    out = tmp_path / "out"
+    result = reproduce(out, data_dir, "--only", "fresh", "--use", f"fresh={authors}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check_imported(out, "fresh", authors, "robustness", {"arch": "resnet18", "arch_kwargs": {}})
+
+
+def test_unsafe_missing_or_unknown_imports_are_refused_before_anything_runs(tmp_path, data_dir):
+    unsafe = tmp_path / "cifar_linf_8.pt"
+    MARKER.unlink(missing_ok=True)
+    library_file(unsafe, resnet18(), hook=Payload())
+    for use, message in ((f"standard={unsafe}", "nothing of it was run"),
+                         (f"standard={tmp_path / 'nope.pt'}", "no such file"),
+                         (f"nosuch={unsafe}", "the preset has no train stage 'nosuch'")):
+        out = tmp_path / use.split("=")[0] / "out"
+        result = reproduce(out, data_dir, "--use", use)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert not (out / "standard" / "stage.json").exists()
+    assert not MARKER.exists()
