@@ -158,6 +158,30 @@ NAKKIRAN_42 = {("linf", "pgd"): ("23.7%", "40.4%"), ("linf", "nakkiran"): ("2.5%
                ("l2", "pgd"): ("33.2%", "27.3%"), ("l2", "nakkiran"): ("2.8%", "70.8%")}
 
 
+def dataset_rows(prefix: str = "", name: str = "", sections: tuple[str, str] = ()) -> list[Row]:
+    """The rows of Ilyas' constructed datasets (D_R, D_NR: section 2; D_rand, D_det: section 3) for the stages
+    ``<prefix>d_robust`` etc.: the suite's own (no prefix) or the authors' released files (``released_``)."""
+    s2, s3 = sections or (S2, S3)
+    r, nr, rand, det = (f"{prefix}{n}" for n in ("d_robust", "d_nonrobust", "d_rand", "d_det"))
+    return [
+        Row(f"{r}.clean", s2, f"{name}D_R: clean test acc", "84%", clean(r), learns_task(r)),
+        Row(f"{r}.l2_0.25", s2, f"{name}D_R: L2 eps 0.25 acc", "48%", robust(r),
+            claim(f"{'D_R' if not prefix else r} carries robustness: L2 0.25 acc >= 3x "
+                  f"{'D_NR' if not prefix else nr}'s and >= 15%", lambda a, n: a >= 3 * n and a >= 0.15,
+                  robust(r), robust(nr))),
+        Row(f"{nr}.clean", s2, f"{name}D_NR: clean test acc", "88%", clean(nr), learns_task(nr)),
+        Row(f"{nr}.l2_0.25", s2, f"{name}D_NR: L2 eps 0.25 acc", "~0%", robust(nr), not_robust(nr)),
+        Row(f"{rand}.clean", s3, f"{name}D_rand: test acc (true labels)", "63.3%", clean(rand), far_above_chance(rand)),
+        Row(f"{det}.clean", s3, f"{name}D_det: test acc (true labels)", "43.7%", clean(det), far_above_chance(det)),
+        Row(f"{det}.shifted", s3, f"{name}D_det: test acc on the shifted labels y+1", "—", clean(det, "test_shift1")),
+        Row(f"{rand}.l2_0.25", s3, f"{name}D_rand: L2 eps 0.25 acc", "~0%", robust(rand), not_robust(rand)),
+        Row(f"{det}.l2_0.25", s3, f"{name}D_det: L2 eps 0.25 acc", "~0%", robust(det), not_robust(det)),
+    ]
+
+
+SR = "3b. The authors' released datasets, trained as the suite trains its own (Ilyas Sec. 3.1, Table 1)"
+
+
 def section_41() -> list[Row]:
     rows = [Row("transfer.clean_fresh_target_rate", S41,
                 "fresh model predicts t = y+1 on clean images (chance level)", "—",
@@ -211,17 +235,8 @@ ROWS: list[Row] = [
               lambda a, s: a >= 3 * s, robust("adversarial_l2"), robust("standard"))),
     Row("adversarial_l2.l2_0.5", S1, "adversarial (L2 0.5): L2 eps 0.5 acc", "70.2%",
         robust("adversarial_l2", eps=0.5)),
-    Row("d_robust.clean", S2, "D_R: clean test acc", "84%", clean("d_robust"), learns_task("d_robust")),
-    Row("d_robust.l2_0.25", S2, "D_R: L2 eps 0.25 acc", "48%", robust("d_robust"),
-        claim("D_R carries robustness: L2 0.25 acc >= 3x D_NR's and >= 15%", lambda r, n: r >= 3 * n and r >= 0.15,
-              robust("d_robust"), robust("d_nonrobust"))),
-    Row("d_nonrobust.clean", S2, "D_NR: clean test acc", "88%", clean("d_nonrobust"), learns_task("d_nonrobust")),
-    Row("d_nonrobust.l2_0.25", S2, "D_NR: L2 eps 0.25 acc", "~0%", robust("d_nonrobust"), not_robust("d_nonrobust")),
-    Row("d_rand.clean", S3, "D_rand: test acc (true labels)", "63.3%", clean("d_rand"), far_above_chance("d_rand")),
-    Row("d_det.clean", S3, "D_det: test acc (true labels)", "43.7%", clean("d_det"), far_above_chance("d_det")),
-    Row("d_det.shifted", S3, "D_det: test acc on the shifted labels y+1", "—", clean("d_det", "test_shift1")),
-    Row("d_rand.l2_0.25", S3, "D_rand: L2 eps 0.25 acc", "~0%", robust("d_rand"), not_robust("d_rand")),
-    Row("d_det.l2_0.25", S3, "D_det: L2 eps 0.25 acc", "~0%", robust("d_det"), not_robust("d_det")),
+    *dataset_rows(),
+    *dataset_rows("released_", "released ", (SR, SR)),
     *section_41(),
     *section_42(),
     Row("squares.train_acc", S43, "trained network: train acc (label noise memorised)", "99.9%", squares("train_acc"),

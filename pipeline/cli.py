@@ -7,6 +7,7 @@
     python train.py reproduce --preset mini --force standard     # rerun standard and everything downstream
     python train.py reproduce --preset paper --use standard=cifar_nat.pt adversarial_l2=cifar_l2_0_5.pt
                                                                  # the authors' models instead of training ours
+    python train.py reproduce --preset mini --released ~/release_datasets   # + the authors' D_R, D_NR, D_rand, D_det
     python train.py reproduce --preset paper --trainer.accelerator gpu --trainer.devices 8 --trainer.strategy ddp
     python train.py reproduce --preset paper --rehearse          # the paper graph at CPU sizes, end to end
     python train.py reproduce --preset paper --jobs 8 --trainer.accelerator gpu   # 8 stages at once, a GPU each
@@ -27,7 +28,7 @@ from pathlib import Path
 from common.errors import UserError
 from common.files import check_creatable_dir
 from pipeline.launch import LAUNCHERS, follow, from_environment
-from pipeline.presets import PRESETS, preset
+from pipeline.presets import PRESETS, preset, with_released
 from pipeline.runner import Runner, exit_on_sigterm, run_subprocess
 from pipeline.stages import commands, with_imports
 
@@ -48,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
                    help="take this model instead of training the stage's own: a robustness-library checkpoint "
                         "(cifar_nat.pt, cifar_l2_0_5.pt, ...) or a suite .ckpt; read without running code in it, "
                         "tested like the stage's own, named with its sha256 in the report")
+    p.add_argument("--released", default=None, metavar="DIR",
+                   help="also train on the authors' released datasets found in DIR (d_robust_CIFAR, "
+                        "d_non_robust_CIFAR, drand_CIFAR, ddet_CIFAR), each exactly as the stage that constructs it "
+                        "here trains (stages released_<stage>), reported beside the suite's own")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     p.add_argument("--stage-args", default="", metavar="ARGS",
                    help="extra arguments for every train.py command, e.g. \"--trainer.devices 8\"")
@@ -154,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extra = [*launch.trainer_args(), *unknown, *shlex.split(args.stage_args)]  # the user's come last: they win
         check_creatable_dir(out, "--out")
         stages = with_imports(preset(args.preset, rehearse=args.rehearse), parse_uses(args.use))
+        if args.released:
+            stages = with_released(stages, args.released)
         runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only,
                         jobs=args.jobs, launch=launch, watch=True)
         t0 = time.monotonic()

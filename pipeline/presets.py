@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from common.errors import ConfigError
 from pipeline.stages import (
@@ -215,6 +216,55 @@ def rehearsal(stages: Sequence[Stage]) -> list[Stage]:
         return (*REHEARSAL_TRAIN, *REHEARSAL_EXPERIMENT.get(experiment, ("--config", "configs/ci/rehearsal.yaml")))
 
     return [dataclasses.replace(s, overrides=(*s.overrides, *cut(s))) for s in stages]
+
+
+# The authors' released datasets (Ilyas et al., the folders of their release archive) by the stage that
+# constructs the same dataset here. A released stage trains and tests exactly as that stage does (same config,
+# student, epochs and training-set size: the two rows differ only by the data), on the released files.
+RELEASED = {"d_robust": "d_robust_CIFAR", "d_nonrobust": "d_non_robust_CIFAR", "d_rand": "drand_CIFAR",
+            "d_det": "ddet_CIFAR"}
+RELEASED_PREFIX = "released_"
+RELEASED_FILES = ("CIFAR_ims", "CIFAR_lab")  # datamodules/released.py
+
+
+def without_option(args: Sequence[str], flag: str) -> tuple[str, ...]:
+    """``args`` without every ``flag VALUE`` pair."""
+    kept, skip = [], False
+    for arg in args:
+        if not skip and arg == flag:
+            skip = True
+            continue
+        if not skip:
+            kept.append(arg)
+        skip = False
+    return tuple(kept)
+
+
+def with_released(stages: Sequence[Stage], folder: str | Path) -> list[Stage]:
+    """``stages`` plus ``released_<stage>`` for each dataset of ``RELEASED`` found under ``folder`` whose stage
+    the graph has: that stage's commands on ``datamodules.ReleasedDataModule`` (a later ``--data`` replaces the
+    constructed datamodule; its own arguments, such as ``sources``, fall away), depending on nothing."""
+    root = Path(folder).resolve()
+    by_name = {s.name: s for s in stages}
+    found = {name: root / sub for name, sub in RELEASED.items() if (root / sub).is_dir()}
+    if not found:
+        raise ConfigError(f"--released {folder}: no released dataset folder there ({', '.join(RELEASED.values())}); "
+                          "pass the folder that holds them (the authors' release_datasets)")
+    added = []
+    for name, path in found.items():
+        if name not in by_name:
+            continue
+        if missing := [f for f in RELEASED_FILES if not (path / f).is_file()]:
+            raise ConfigError(f"--released: {path} lacks {', '.join(missing)}; download the dataset again")
+        stage = by_name[name]
+        own = without_option(stage.overrides, "--data.init_args.sources")  # it needs no source model
+        added.append(dataclasses.replace(
+            stage, name=RELEASED_PREFIX + name, deps=(), inputs=tuple(str(path / f) for f in RELEASED_FILES),
+            overrides=(*own, "--data", "datamodules.ReleasedDataModule", "--data.init_args.folder", str(path))))
+    if not added:
+        raise ConfigError(f"--released {folder}: it holds {', '.join(RELEASED[n] for n in found)}, but this preset "
+                          f"constructs none of them ({', '.join(n for n in RELEASED if n in by_name) or 'none'})")
+    return [*stages, *added]
 
 
 PRESETS: dict[str, Callable[[], list[Stage]]] = {"quick": quick, "mini": mini, "paper": paper, "tiny": tiny}

@@ -72,7 +72,9 @@ TEST_AND_SHIFTED = (Test("test"), Test("test_shift1", ("--data.init_args.test_la
 class Stage:
     """One node of the graph. ``config`` is the experiment's YAML config (train stage), stacked on the ``base``
     configs, or ``MEASURE_MODULE`` (measure stage, with ``measure`` naming the function of ``pipeline.measure``).
-    ``imported``: the absolute path of a model file that replaces the train stage's fit (``with_imports``)."""
+    ``imported``: the absolute path of a model file that replaces the train stage's fit (``with_imports``).
+    ``inputs``: files from outside the reproduction that the stage reads (an imported model, the authors' released
+    datasets); their sha256 enters the key."""
 
     name: str
     config: str
@@ -82,6 +84,7 @@ class Stage:
     measure: str | None = None
     base: tuple[str, ...] = ()
     imported: str | None = None
+    inputs: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -163,11 +166,12 @@ def _sha256(path: str, mtime_ns: int, size: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def imported_sha256(path: str) -> str:
-    """sha256 of an imported model file (cached per file version: keys are computed more than once)."""
+def input_sha256(path: str, stage: str) -> str:
+    """sha256 of a file from outside the reproduction (cached per file version: keys are computed more than
+    once, and released datasets are hundreds of MB)."""
     file = Path(path)
     if not file.is_file():
-        raise StageError(f"imported model {path} not found: check the --use STAGE=FILE paths")
+        raise StageError(f"stage {stage!r} reads {path}, which does not exist (check --use / --released)")
     stat = file.stat()
     return _sha256(str(file), stat.st_mtime_ns, stat.st_size)
 
@@ -183,15 +187,15 @@ def with_imports(stages: Sequence[Stage], uses: Mapping[str, str | Path]) -> lis
         if not Path(file).is_file():
             raise StageError(f"--use {name}={file}: no such file. Pass a robustness-library .pt file or a suite "
                              ".ckpt (see python -m models.imported --help)")
-    return [dataclasses.replace(s, imported=str(Path(uses[s.name]).resolve())) if s.name in uses else s
-            for s in stages]
+    return [dataclasses.replace(s, imported=(file := str(Path(uses[s.name]).resolve())), inputs=(*s.inputs, file))
+            if s.name in uses else s for s in stages]
 
 
 def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_args: Sequence[str] = ()) -> str:
     """sha256 of everything that determines the stage's result: the bytes of its config file(s), its arguments
     (placeholders unexpanded, so the key does not depend on where OUT is), the pass-through trainer arguments,
-    the preset, the run ids of its dependencies (a rerun upstream changes them, so keys chain) and, for a train
-    stage, what ``precision: auto`` means on this machine."""
+    the preset, the run ids of its dependencies (a rerun upstream changes them, so keys chain), the bytes of its
+    ``inputs`` and, for a train stage, what ``precision: auto`` means on this machine."""
     description = {
         "format": KEY_FORMAT,
         "preset": preset,
@@ -203,7 +207,7 @@ def stage_key(stage: Stage, *, preset: str, dep_ids: Mapping[str, str], extra_ar
         "extra_args": list(extra_args) if stage.kind == "train" else [],
         "deps": {d: dep_ids[d] for d in stage.deps},
         "auto_precision": auto_precision() if stage.kind == "train" else None,
-        **({"imported": imported_sha256(stage.imported)} if stage.imported else {}),
+        **({"inputs": {f: input_sha256(f, stage.name) for f in stage.inputs}} if stage.inputs else {}),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
