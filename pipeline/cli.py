@@ -22,7 +22,7 @@ import argparse
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from common.errors import UserError
@@ -30,7 +30,7 @@ from common.files import check_creatable_dir
 from pipeline.launch import LAUNCHERS, follow, from_environment
 from pipeline.presets import PRESETS, preset, with_released
 from pipeline.runner import Runner, exit_on_sigterm, run_subprocess
-from pipeline.stages import commands, with_imports
+from pipeline.stages import Stage, commands, with_imports
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,12 +115,19 @@ def print_status(args: argparse.Namespace) -> dict:
         raise SystemExit(1)
     name = info["preset"]
     base, rehearse = name.removesuffix("-rehearsal"), name.endswith("-rehearsal")
-    stages = preset(base, rehearse=rehearse)
+    sources = info.get("sources") or {}
+    stages = graph(base, rehearse, sources.get("use") or {}, sources.get("released"))
     records = [read_json(Path(args.out) / s.name / "stage.json") or {} for s in stages]
     extra = next((r["extra_args"] for r in records if r.get("extra_args") is not None), [])
     print(f"reproduction {info['id']} (preset {name}) in {args.out}:")
     print(status(Path(args.out), stages, extra))
     return {}
+
+
+def graph(name: str, rehearse: bool, uses: Mapping[str, str], released: str | None) -> list[Stage]:
+    """The preset's stages with the models of ``--use`` and the datasets of ``--released`` in them."""
+    stages = with_imports(preset(name, rehearse=rehearse), uses)
+    return with_released(stages, released) if released else stages
 
 
 def parse_uses(uses: Sequence[str]) -> dict[str, str]:
@@ -158,11 +165,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             return {}
         extra = [*launch.trainer_args(), *unknown, *shlex.split(args.stage_args)]  # the user's come last: they win
         check_creatable_dir(out, "--out")
-        stages = with_imports(preset(args.preset, rehearse=args.rehearse), parse_uses(args.use))
-        if args.released:
-            stages = with_released(stages, args.released)
+        uses = parse_uses(args.use)
+        stages = graph(args.preset, args.rehearse, uses, args.released)
+        sources = {"use": {k: str(Path(v).resolve()) for k, v in uses.items()},
+                   "released": str(Path(args.released).resolve()) if args.released else None}
         runner = Runner(stages, out, preset=name, extra_args=extra, force=args.force, only=args.only,
-                        jobs=args.jobs, launch=launch, watch=True)
+                        jobs=args.jobs, launch=launch, watch=True, sources=sources)
         t0 = time.monotonic()
         checked = runner.check_commands()  # a typo stops here, before anything is run or written
         print(f"checked {checked} commands of {len(runner.selected)} stages in {time.monotonic() - t0:.0f} s: "

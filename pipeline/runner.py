@@ -23,13 +23,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from common import progress
 from common.errors import UserError
@@ -222,7 +223,7 @@ class Runner:
                  force: Sequence[str] = (), only: Sequence[str] = (), execute: Execute = run_subprocess,
                  preflight: Preflight | None = command_error, echo: Callable[[str], None] = print,
                  jobs: int = 1, slices: Sequence[dict[str, str]] | None = None, launch: Launch | None = None,
-                 watch: bool = False) -> None:
+                 watch: bool = False, sources: Mapping[str, Any] | None = None) -> None:
         """
         Args:
             extra_args: appended to every ``train.py`` command (e.g. ``--trainer.devices 8``); part of the keys.
@@ -237,6 +238,8 @@ class Runner:
             launch: how each command starts (pipeline/launch.py: here, through srun, or through torchrun);
                 its layout arguments must already be among ``extra_args`` (:meth:`Launch.trainer_args`).
             watch: print what the running stages are doing while they run (pipeline/progress.py).
+            sources: what changed the preset's graph (``--use``, ``--released``), kept in reproduction.json so
+                that ``--status`` rebuilds the same graph.
         """
         self.stages, self.out, self.preset = list(stages), Path(out), preset
         self.extra_args, self.force, self.execute, self.echo = list(extra_args), set(force), execute, echo
@@ -261,6 +264,7 @@ class Runner:
                                 "nodes, so use --jobs 1")
         self._publisher: Publisher | None = None
         self.watch = watch
+        self.sources = dict(sources or {})
         self._stopping = threading.Event()  # set when a concurrent run stops its other stages
         self.slices = list(slices) if slices is not None else (machine_slices(jobs) if jobs > 1 else [{}])
         if len(self.slices) < jobs:
@@ -430,10 +434,11 @@ class Runner:
         if info is None:
             self.out.mkdir(parents=True, exist_ok=True)
             info = {"id": f"{self.preset}-{datetime.now():%Y%m%d-%H%M%S}", "preset": self.preset, "created": now()}
-            write_json_atomic(path, info)
         elif info.get("preset") != self.preset:
             raise PipelineError(f"{self.out} holds a reproduction of preset {info.get('preset')!r}, not "
                                 f"{self.preset!r}: choose another --out")
+        if "sources" not in info or info["sources"] != self.sources:  # this run's --use / --released
+            write_json_atomic(path, {**info, "sources": self.sources})
         return info["id"]
 
     def _run_stage(self, decision: Decision, reproduction: str, machine_slice: dict[str, str] | None = None) -> dict:

@@ -91,6 +91,8 @@ def test_released_datasets_are_trained_as_the_suite_trains_its_own_and_reported_
     assert rows["released_d_det.clean"]["suite"] == record["results"]["test"]["metrics"]["test/acc"]
     assert rows["released_d_det.clean"]["paper"] == rows["d_det.clean"]["paper"] == "43.7%"
     assert not any(i.startswith("released_d_robust") for i in rows)
+    status = reproduce(out, data_dir, "--status")  # rebuilds the graph with --use / --released from the folder
+    assert status.returncode == 0 and "released_d_det" in status.stdout, status.stderr[-2000:]
     nothing = reproduce(out, data_dir, "--released", str(authors_run["tmp"]))  # no released sets in that folder
     assert nothing.returncode != 0 and "no released dataset folder there" in nothing.stderr
 
