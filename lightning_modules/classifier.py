@@ -152,9 +152,13 @@ class ClassifierModule(pl.LightningModule):
         """The inputs the model is trained on; adversarial training overrides this."""
         return x
 
+    def training_logits(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The logits the training loss and ``train/acc`` see; certified training overrides this."""
+        return self(self.training_inputs(x, y))
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(self.training_inputs(x, y))
+        logits = self.training_logits(x, y)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         if not torch.isfinite(loss):  # one check of a scalar; stop before the update spreads NaN to the weights
             raise NonFiniteLossError(

@@ -183,6 +183,12 @@ def resnet50_body(in_channels: int) -> tuple[nn.Module, int]:
     return cifar_resnet_body(Bottleneck, (3, 4, 6, 3), in_channels)
 
 
+def linear_body(in_channels: int, image_size: int = 32) -> tuple[nn.Module, int]:
+    """No hidden layer: the head sees the normalised pixels, so the classifier is linear in the image (Goh's
+    robust linear features, models/linear.py). ``image_size``: the side of the square input images."""
+    return nn.Flatten(), in_channels * image_size * image_size
+
+
 # name -> body builder ``(in_channels, **arch_kwargs) -> (body, feature_dim)``. Each builder's signature lists
 # exactly the arch_kwargs it accepts (no **kwargs), so build_model can refuse the others instead of ignoring them.
 ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
@@ -190,6 +196,7 @@ ARCHITECTURES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "resnet50": resnet50_body,
     "vgg16": vgg16_body,
     "fast_cnn": fast_cnn_body,
+    "linear": linear_body,
 }
 
 

@@ -182,6 +182,33 @@ def dataset_rows(prefix: str = "", name: str = "", sections: tuple[str, str] = (
 SR = "3b. The authors' released datasets, trained as the suite trains its own (Ilyas Sec. 3.1, Table 1)"
 
 
+G51 = "5.1 Robust feature leakage (Goh): D_rand / D_det seen only through 10 robust linear features"
+
+
+def leaked(name: str) -> Getter:
+    return lambda r: r.measured("leakage", name, "accuracy")
+
+
+def section_51() -> list[Row]:
+    """Goh's numbers are for the authors' released sets; the suite's sets get the same rows and claims."""
+    rows = [Row("robust_linear.clean", G51, "certified linear model: clean test acc", "—", clean("robust_linear")),
+            Row("robust_linear.l2_0.25", G51, "certified linear model: L2 eps 0.25 acc (PGD)", "—",
+                robust("robust_linear")),
+            Row("leakage.certified", G51, "certified linear model: certified acc at L2 0.25 (closed form)",
+                "—", lambda r: r.measured("leakage", "features", "certified_acc"))]
+    for prefix, who in (("", ""), ("released_", "released ")):
+        rand, det = f"{prefix}d_rand", f"{prefix}d_det"
+        row_id = (lambda n: f"leakage.{n}") if not prefix else (lambda n: f"{n}.leakage")  # shown when n runs
+        rows += [
+            Row(row_id(rand), G51, f"{who}D_rand through the robust features: test acc (true labels)", "23.5%",
+                leaked(rand), claim(f"{who}D_rand leaks robust features: >= 1.5x {who}D_det's leakage",
+                                    lambda a, d: a >= 1.5 * d, leaked(rand), leaked(det))),
+            Row(row_id(det), G51, f"{who}D_det through the robust features: test acc (true labels)", "6.81%",
+                leaked(det), claim(f"{who}D_det barely leaks: <= 15% (near chance)", lambda d: d <= 0.15,
+                                   leaked(det)))]
+    return rows
+
+
 def section_41() -> list[Row]:
     rows = [Row("transfer.clean_fresh_target_rate", S41,
                 "fresh model predicts t = y+1 on clean images (chance level)", "—",
@@ -272,6 +299,7 @@ ROWS: list[Row] = [
         figure3_correlation,
         claim("accuracy tracks transferability: Spearman correlation > 0.5", lambda c: c > 0.5, figure3_correlation),
         percent=False),
+    *section_51(),
 ]
 
 

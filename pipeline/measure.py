@@ -3,6 +3,7 @@
     python -m pipeline.measure transfer --out DIR --target T.ckpt --ensemble E1.ckpt ... --fresh F.ckpt
     python -m pipeline.measure figure3 --out DIR --source S.ckpt --fresh F.ckpt [F2.ckpt ...] \
         --ddet runs/.../d_det [runs/.../d_det_resnet18 ...] ...
+    python -m pipeline.measure leakage --out DIR --features robust_linear.ckpt --d_rand runs/.../d_rand ...
 
 Each writes ``DIR/measure.json`` (atomically) and sends its numbers (Figure 3: also its plot) to the loggers
 (``--logger_config``; default CSV + TensorBoard under DIR). Both attack a fixed, seeded subset of the real
@@ -157,13 +158,74 @@ def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer:
             "seconds": round(time.monotonic() - start, 1)}
 
 
+def training_set(stage_dir: str):
+    """The training images and labels a finished train stage trained on: its constructed dataset (from the record
+    ``constructed.json``) or the authors' released files (a ``released_<stage>``'s ``--data.init_args.folder``)."""
+    from datamodules import load_released
+    from datamodules.constructed.engine import load
+    from datamodules.constructed.store import ShardStore
+    from pipeline.outputs import constructed_record
+
+    if (record := constructed_record(Path(stage_dir))) is not None:
+        dataset = load(ShardStore(Path(record["directory"])))
+        return dataset.x, dataset.y
+    fit = (read_json(Path(stage_dir) / STAGE_JSON) or {}).get("commands", {}).get("fit", [])
+    if "--data.init_args.folder" in fit:
+        return load_released(fit[len(fit) - fit[::-1].index("--data.init_args.folder")])
+    raise ConfigError(f"leakage: {stage_dir} trained on neither a constructed dataset (no constructed.json) nor a "
+                      "released one; pass the folder of a finished D_rand / D_det stage")
+
+
+def leakage(*, features: str, d_rand: str | None = None, d_det: str | None = None,
+            released_d_rand: str | None = None, released_d_det: str | None = None, examples: int = 10000,
+            seed: int = 0, batch_size: int = 250, data_dir: str | None = None) -> dict:
+    """Goh's robust feature leakage (SPEC 5.1): a linear classifier on only the 10 robust features (the logits of
+    the certified linear model ``features``), fitted on each D_rand / D_det stage's training set with its labels,
+    scored on the real test set's true labels. High accuracy: the dataset teaches through robust features."""
+    import torch
+
+    from models import load_source, read_checkpoint
+    from models.linear import certified, fit_linear, pixel_weight
+
+    model = load_source(features).model
+    eps = (read_checkpoint(features).get("hyper_parameters") or {}).get("eps")
+    if model.body.__class__.__name__ != "Flatten" or eps is None:
+        raise ConfigError(f"leakage: --features {features} is not a certified linear classifier (a "
+                          "CertifiedLinearModule checkpoint of arch linear, e.g. the robust_linear stage's)")
+    x_test, y_test = cifar_test_subset(examples, seed, data_dir)
+
+    def robust_features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    test_features = robust_features(x_test)
+    results = {"examples": len(y_test), "seed": seed, "features": {
+        "clean_acc": (test_features.argmax(1) == y_test).float().mean().item(),
+        "certified_acc": certified(test_features, y_test, pixel_weight(model), eps).float().mean().item(),
+        "eps": eps}}
+    for name, stage in (("d_rand", d_rand), ("d_det", d_det), ("released_d_rand", released_d_rand),
+                        ("released_d_det", released_d_det)):
+        if stage is None:
+            continue
+        start = time.monotonic()
+        x, y = training_set(stage)
+        train_features = robust_features(x)
+        classifier = fit_linear(train_features, y, seed=seed)
+        with torch.no_grad():
+            results[name] = {
+                "accuracy": (classifier(test_features).argmax(1) == y_test).float().mean().item(),
+                "train_accuracy": (classifier(train_features).argmax(1) == y).float().mean().item(),
+                "train_examples": len(y), "seconds": round(time.monotonic() - start, 1)}
+    return results
+
+
 def figure3_scalars(results: dict) -> dict[str, float]:
     """``figure3/<stage>/{accuracy,transfer}`` for every point that has both."""
     return {f"figure3/{p['stage']}/{k}": float(p[k]) for p in results["points"] for k in ("accuracy", "transfer")
             if p.get(k) is not None}
 
 
-MEASURES = {"transfer": transfer, "figure3": figure3}
+MEASURES = {"transfer": transfer, "figure3": figure3, "leakage": leakage}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -192,6 +254,10 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--transfer", required=True, help="stage folder of the transfer measurement")
     for name in ("nakkiran_l2", "nakkiran_linf", "pgd_l2", "pgd_linf"):
         f.add_argument(f"--{name}", default=None, help="stage folder of that D_det-style dataset's model")
+    g = sub.add_parser("leakage", parents=[common], help=leakage.__doc__.splitlines()[0])
+    g.add_argument("--features", required=True, help="checkpoint of the certified linear model (robust_linear)")
+    for name in ("d_rand", "d_det", "released_d_rand", "released_d_det"):
+        g.add_argument(f"--{name}", default=None, help="folder of the finished stage that trained on that dataset")
     return p
 
 
@@ -217,6 +283,8 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
         metrics = figure3_scalars(results)
         png = figure3_plot(Results({"figure3": {"results": results}}), out / "figure3_transfer.png")
         figures = {"figure3/transfer_vs_accuracy": png} if png else {}
+    elif name == "leakage":
+        metrics = {f"leakage/{k}": v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
     else:
         metrics = scalars({k: v for k, v in results.items() if k in NAKKIRAN_ATTACKS}, name)
     params = {k: " ".join(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}

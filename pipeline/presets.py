@@ -17,6 +17,8 @@ and ``tiny`` (CI tests).
     pgd_ddet_{l2,linf}       <- target                the same with plain PGD [4.2]
     transfer                 <- target, ensemble, fresh_<family>   (measure) the transfer table [4.1]
     squares (tests: the 20-epoch and the 1-epoch network) adversarial squares [4.3]
+    robust_linear                                     Goh's certified linear model [5.1]
+    leakage                  <- robust_linear, d_rand, d_det   (measure) robust feature leakage [5.1]
     fresh_<arch>, d_det_<arch>  <- standard           Figure 3's other architectures (paper: ResNet-18, VGG-16)
     figure3                  <- the D_det-style stages, transfer, fresh(_<arch>)   (measure) Figure 3 [3]
 """
@@ -111,6 +113,10 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int,
                       "--examples", str(transfer_examples),
                       deps=["standard", *(s for pair in arch_points for s in pair), "transfer",
                             *(f"{k}_ddet_{n}" for k in ("nakkiran", "pgd") for n in NORMS)]),
+        # Goh's robust feature leakage [5.1]: D_rand / D_det seen through a certified linear model's 10 logits.
+        train("robust_linear", "robust_linear"),
+        measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_rand", "{dir:d_rand}",
+                      "--d_det", "{dir:d_det}", "--examples", "10000", deps=["robust_linear", "d_rand", "d_det"]),
     ]
 
 
@@ -185,6 +191,9 @@ def tiny() -> list[Stage]:
         measure_stage("figure3", "figure3", "--source", "{ckpt:standard}", "--fresh", "{ckpt:fresh}",
                       "--ddet", "{dir:d_det}", "--transfer", "{dir:transfer}", "--examples", "50",
                       deps=["standard", "fresh", "d_det", "transfer"]),
+        train("robust_linear", "robust_linear", "--model.init_args.arch_kwargs", "{}"),  # not the overlay's widths
+        measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_det", "{dir:d_det}",
+                      "--examples", "100", deps=["robust_linear", "d_det"]),
     ]
 
 
@@ -204,7 +213,7 @@ REHEARSAL_EXPERIMENT = {  # by the experiment's config name; every other train s
                                                                       for n in NORMS))},
 }
 REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "20", "--steps", "2"),
-                                                    "figure3": ("--examples", "20")}
+                                                    "figure3": ("--examples", "20"), "leakage": ("--examples", "100")}
 
 
 def rehearsal(stages: Sequence[Stage]) -> list[Stage]:
@@ -264,6 +273,14 @@ def with_released(stages: Sequence[Stage], folder: str | Path) -> list[Stage]:
     if not added:
         raise ConfigError(f"--released {folder}: it holds {', '.join(RELEASED[n] for n in found)}, but this preset "
                           f"constructs none of them ({', '.join(n for n in RELEASED if n in by_name) or 'none'})")
+    # Goh's leakage measure also scores the released D_rand / D_det: it moves after them, with their folders.
+    names = {s.name for s in added}
+    extra = [n for n in (f"{RELEASED_PREFIX}d_rand", f"{RELEASED_PREFIX}d_det") if n in names]
+    if "leakage" in by_name and extra:
+        leakage = by_name["leakage"]
+        folders = [a for n in extra for a in (f"--{n}", f"{{dir:{n}}}")]
+        moved = dataclasses.replace(leakage, deps=(*leakage.deps, *extra), overrides=(*leakage.overrides, *folders))
+        return [*(s for s in stages if s.name != "leakage"), *added, moved]
     return [*stages, *added]
 
 
