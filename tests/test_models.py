@@ -3,7 +3,7 @@ import torch
 
 from models.networks import ARCHITECTURES, Normalize, PatchWhitening, build_model
 
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 128}
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 128, "linear": 3 * 32 * 32}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
