@@ -74,10 +74,11 @@ def import_model(source: str | Path, out: str | Path) -> dict:
     except Exception:
         out.unlink(missing_ok=True)
         raise
-    hparams = checkpoint["hyper_parameters"]
-    return {"file": str(source), "format": kind, "sha256": file_hash(source, "sha256"),
+    hparams, origin = checkpoint["hyper_parameters"], checkpoint.get("imported_from") or {}
+    sha256 = origin.get("sha256") or file_hash(source, "sha256")  # a library import hashed the file already
+    return {"file": str(source), "format": kind, "sha256": sha256,
             "network": {k: hparams.get(k) for k in NETWORK_KEYS},
-            "epoch": (checkpoint.get("imported_from") or {}).get("epoch", checkpoint.get("epoch"))}
+            "epoch": origin.get("epoch", checkpoint.get("epoch"))}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from pipeline.stages import option_value
+
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 PASSES_PER_STEP = 3  # forward + backward, in forward-pass units
 
@@ -88,7 +90,8 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
     """FLOPs of a measure stage from its arguments (``transfer ...`` / ``figure3 ...``): every attacked image x
     step x network differentiated; ``attack_steps`` is figure3's (the D_det recipe's)."""
     def last(flag: str, default: int) -> int:
-        return int(args[len(args) - args[::-1].index(flag)]) if flag in args else default
+        value = option_value(args, flag)
+        return default if value is None else int(value)
 
     examples = last("--examples", 1000)
     if args[0] == "transfer":

@@ -22,6 +22,7 @@ from common.attack_settings import NAKKIRAN_ATTACKS, NAKKIRAN_STEPS
 from common.errors import ConfigError
 from common.files import read_json, write_json_atomic
 from pipeline.runner import STAGE_JSON
+from pipeline.stages import option_value
 
 
 def _device():
@@ -170,8 +171,8 @@ def training_set(stage_dir: str):
         dataset = load(ShardStore(Path(record["directory"])))
         return dataset.x, dataset.y
     fit = (read_json(Path(stage_dir) / STAGE_JSON) or {}).get("commands", {}).get("fit", [])
-    if "--data.init_args.folder" in fit:
-        return load_released(fit[len(fit) - fit[::-1].index("--data.init_args.folder")])
+    if (folder := option_value(fit, "--data.init_args.folder")) is not None:
+        return load_released(folder)
     raise ConfigError(f"leakage: {stage_dir} trained on neither a constructed dataset (no constructed.json) nor a "
                       "released one; pass the folder of a finished D_rand / D_det stage")
 
@@ -183,13 +184,14 @@ def leakage(*, features: str, d_rand: str | None = None, d_det: str | None = Non
     the certified linear model ``features``), fitted on each D_rand / D_det stage's training set with its labels,
     scored on the real test set's true labels. High accuracy: the dataset teaches through robust features."""
     import torch
+    from torch import nn
 
     from models import load_source, read_checkpoint
     from models.linear import certified, fit_linear, pixel_weight
 
     model = load_source(features).model
     eps = (read_checkpoint(features).get("hyper_parameters") or {}).get("eps")
-    if model.body.__class__.__name__ != "Flatten" or eps is None:
+    if not isinstance(model.body, nn.Flatten) or eps is None:
         raise ConfigError(f"leakage: --features {features} is not a certified linear classifier (a "
                           "CertifiedLinearModule checkpoint of arch linear, e.g. the robust_linear stage's)")
     x_test, y_test = cifar_test_subset(examples, seed, data_dir)

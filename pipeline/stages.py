@@ -115,6 +115,11 @@ def ckpt_list(*names: str) -> str:
     return "[" + ", ".join(f'"{{ckpt:{n}}}"' for n in names) + "]"
 
 
+def option_value(args: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` among ``args`` (a later option wins), None if there is none."""
+    return args[len(args) - args[::-1].index(flag)] if flag in args else None
+
+
 def config_args(args: Sequence[str]) -> list[Path]:
     """Every ``--config FILE`` among ``args``, resolved against the repository."""
     return [resolve(b) for a, b in zip(args, args[1:], strict=False) if a == "--config"]

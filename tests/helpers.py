@@ -3,6 +3,7 @@ constructed data, released-dataset files, and small real-data networks."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -77,6 +78,12 @@ def class_names(components: list[dict] | None) -> list[str]:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def environment(data_dir: Path) -> dict[str, str]:
+    """The environment of a subprocess run of the suite in a test: real data, one thread, wandb offline."""
+    return {**os.environ, "BOF_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+            "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)}
 
 
 def experiment_configs(experiment: str, scale: str = "mini") -> list[str]:

@@ -7,13 +7,12 @@ them (synthetic files in the released format here: the real ones cannot be downl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, save_released, write_checkpoint
+from helpers import REPO, environment, save_released, write_checkpoint
 from robustness_library import MARKER, Payload, library_file, resnet18
 from safetensors.torch import load_file
 
@@ -24,10 +23,8 @@ from pipeline.stages import with_imports
 
 
 def reproduce(out: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {"BOF_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
     return subprocess.run([sys.executable, str(REPO / "train.py"), "reproduce", "--preset", "tiny", "--out", str(out),
-                           *args], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=600)
+                           *args], cwd=REPO, env=environment(data_dir), capture_output=True, text=True, timeout=600)
 
 
 def check_imported(out: Path, stage: str, source: Path, kind: str, network: dict) -> None:

@@ -15,7 +15,6 @@ The SLURM test needs the one-node cluster of ``.ci/slurm_up.sh`` (root; ``.ci/ru
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, environment
 from safetensors.torch import load_file
 
 from pipeline.launch import Launch, LaunchError, Publisher, follow, from_environment
@@ -39,11 +38,6 @@ from pipeline.stages import train_stage
 TRAINED_TOLERANCE = 0.10
 SAME_WEIGHTS_TOLERANCE = 1e-6  # the same checkpoint evaluated by 1 or 2 processes: counts summed, then divided
 TWO = ["--data.init_args.batch_size", "64"]  # per process: 2 x 64 keeps the 1-process run's global batch of 128
-
-
-def environment(data_dir: Path) -> dict[str, str]:
-    return {**os.environ, "BOF_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-            "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)}
 
 
 def reproduce(out: Path, data_dir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
