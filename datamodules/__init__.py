@@ -2,7 +2,13 @@
 
 from datamodules.base import InMemoryDataModule, balanced_subset
 from datamodules.constructed import CacheWarning, ConstructedDataModule, GenerationError
-from datamodules.constructed.recipes import NonTransferableAttack, Recipe, RelabelByAttack, RepresentationInversion
+from datamodules.constructed.recipes import (
+    NonTransferableAttack,
+    Recipe,
+    RelabelByAttack,
+    RelabelByPrediction,
+    RepresentationInversion,
+)
 from datamodules.files import DATA_DIR_ENV, DatasetFilesError, resolve_data_dir
 from datamodules.real import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 from datamodules.released import ReleasedDataModule, UnsafeFileError, load_released
@@ -21,6 +27,7 @@ __all__ = [
     "NonTransferableAttack",
     "Recipe",
     "RelabelByAttack",
+    "RelabelByPrediction",
     "ReleasedDataModule",
     "RepresentationInversion",
     "SquaresDataModule",

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
+from common.errors import ConfigError
 from datamodules.base import InMemoryDataModule
 from datamodules.cifar10 import load_cifar10
 from datamodules.mnist import load_idx_dataset
+
+REAL_DATASETS = ("cifar10", "mnist", "fashion_mnist")
+
+
+def load_real(name: str, data_dir: Path, download: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train_x, train_y, test_x, test_y)`` of a real dataset by name (``REAL_DATASETS``), uint8 images."""
+    if name == "cifar10":
+        return load_cifar10(data_dir, download=download)
+    if name in ("mnist", "fashion_mnist"):
+        return load_idx_dataset(name, data_dir)
+    raise ConfigError(f"unknown dataset {name!r}; choose one of {list(REAL_DATASETS)}")
 
 
 class CIFAR10DataModule(InMemoryDataModule):

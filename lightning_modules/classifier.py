@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from common.datasets import CIFAR10_MEAN as CIFAR_MEAN
 from common.datasets import CIFAR10_STD as CIFAR_STD
+from common.datasets import MNIST_MEAN, MNIST_STD
 from common.errors import ConfigError, UserError
 from common.tensors import as_float_images
 from models import build_model
@@ -20,8 +21,8 @@ SCHEDULES = ("step", "linear", "constant")
 # The datamodule splits each trainer stage reads (``check_data``); other stages check every split there is.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 # Normalisation statistics to suggest in a channel-mismatch message, by channel count.
-EXAMPLE_STATS = {1: "mean: [0.1307], std: [0.3081] for MNIST", 3: f"mean: {list(CIFAR_MEAN)}, std: {list(CIFAR_STD)} "
-                 "for CIFAR-10"}
+EXAMPLE_STATS = {1: f"mean: {list(MNIST_MEAN)}, std: {list(MNIST_STD)} for MNIST",
+                 3: f"mean: {list(CIFAR_MEAN)}, std: {list(CIFAR_STD)} for CIFAR-10"}
 
 
 class NonFiniteLossError(UserError, FloatingPointError):

@@ -39,6 +39,10 @@ class Results:
             value = value.get(key) if isinstance(value, dict) else None
         return value
 
+    def constructed(self, stage: str, key: str) -> float | None:
+        """A field of the record of the constructed set a train stage trained on (``constructed.json``)."""
+        return ((self.records.get(stage) or {}).get("constructed") or {}).get(key)
+
     def points(self) -> list[dict]:
         """Figure 3's points, as measured by the figure3 stage."""
         return self._results("figure3").get("points", [])
@@ -209,6 +213,32 @@ def section_51() -> list[Row]:
     return rows
 
 
+W53 = "5.3 Learning from incorrectly labelled data (Wallace)"
+
+
+def section_53() -> list[Row]:
+    """Wallace: a model learns the task from another model's errors alone (CIFAR-10), and from MNIST-model labels
+    on Fashion-MNIST images (tested on MNIST). His normalisation variants: docs/DISCUSSION.md."""
+    errors = lambda r: r.constructed("wallace_errors", "trained_examples")  # noqa: E731
+    error_rate = lambda r: (None if errors(r) is None or not r.constructed("wallace_errors", "examples")  # noqa: E731
+                            else errors(r) / r.constructed("wallace_errors", "examples"))
+    return [
+        Row("wallace_labeller.clean", W53, "labeller stopped early: test acc", "63.1%", clean("wallace_labeller")),
+        Row("wallace_errors.examples", W53, "training images the labeller gets wrong (the training set)", "18,768",
+            errors, percent=False),
+        Row("wallace_errors.error_rate", W53, "... as a fraction of the training set", "37.5%", error_rate,
+            claim("the set is the labeller's errors: its share within 0.5x-1.5x the labeller's test error",
+                  lambda e, a: 0.5 * (1 - a) <= e <= 1.5 * (1 - a), error_rate, clean("wallace_labeller"))),
+        Row("wallace_errors.clean", W53, "fresh model trained only on them: test acc (true labels)", "49.7%",
+            clean("wallace_errors"), far_above_chance("wallace_errors")),
+        Row("mnist_cnn.clean", W53, "MNIST model (the labeller): MNIST test acc", "99.1%", clean("mnist_cnn")),
+        Row("wallace_fashion.clean", W53, "trained on Fashion-MNIST labelled by it: MNIST test acc",
+            "94.5% (MNIST's normalisation)", clean("wallace_fashion"), learns_task("wallace_fashion")),
+        Row("wallace_fashion_moments.clean", W53, "... the images rescaled to MNIST's pixel mean and std first",
+            "91.04% (own normalisation)", clean("wallace_fashion_moments"), learns_task("wallace_fashion_moments")),
+    ]
+
+
 def section_41() -> list[Row]:
     rows = [Row("transfer.clean_fresh_target_rate", S41,
                 "fresh model predicts t = y+1 on clean images (chance level)", "—",
@@ -300,6 +330,7 @@ ROWS: list[Row] = [
         claim("accuracy tracks transferability: Spearman correlation > 0.5", lambda c: c > 0.5, figure3_correlation),
         percent=False),
     *section_51(),
+    *section_53(),
 ]
 
 

@@ -168,8 +168,7 @@ def training_set(stage_dir: str):
     from pipeline.outputs import constructed_record
 
     if (record := constructed_record(Path(stage_dir))) is not None:
-        dataset = load(ShardStore(Path(record["directory"])))
-        return dataset.x, dataset.y
+        return load(ShardStore(Path(record["directory"]))).training_set(record.get("keep"))
     fit = (read_json(Path(stage_dir) / STAGE_JSON) or {}).get("commands", {}).get("fit", [])
     if (folder := option_value(fit, "--data.init_args.folder")) is not None:
         return load_released(folder)

@@ -19,6 +19,8 @@ and ``tiny`` (CI tests).
     squares (tests: the 20-epoch and the 1-epoch network) adversarial squares [4.3]
     robust_linear                                     Goh's certified linear model [5.1]
     leakage                  <- robust_linear, d_rand, d_det   (measure) robust feature leakage [5.1]
+    wallace_labeller, wallace_errors <- wallace_labeller   a model trained on another's errors only [5.3]
+    mnist_cnn, wallace_fashion(_moments) <- mnist_cnn  MNIST labels on Fashion-MNIST, tested on MNIST [5.3]
     fresh_<arch>, d_det_<arch>  <- standard           Figure 3's other architectures (paper: ResNet-18, VGG-16)
     figure3                  <- the D_det-style stages, transfer, fresh(_<arch>)   (measure) Figure 3 [3]
 """
@@ -117,7 +119,24 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int,
         train("robust_linear", "robust_linear"),
         measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_rand", "{dir:d_rand}",
                       "--d_det", "{dir:d_det}", "--examples", "10000", deps=["robust_linear", "d_rand", "d_det"]),
+        # Wallace [5.3]: a fresh model taught by a labeller's errors alone; an MNIST model's labels on Fashion-MNIST.
+        train("wallace_labeller", "wallace_labeller"),
+        train("wallace_errors", "wallace_errors", *on("wallace_labeller"), deps=["wallace_labeller"]),
+        *wallace_mnist(configs, on),
     ]
+
+
+def wallace_mnist(configs: str, on: Callable[..., list[str]], *args: str, base: Sequence[str] = ()) -> list[Stage]:
+    """Wallace's MNIST -> Fashion-MNIST stages [5.3]: each stacks the MNIST network overlay on the scale's base;
+    ``wallace_fashion_moments`` rescales the images to MNIST's pixel statistics first."""
+    def mnist(name: str, experiment: str, *more: str, **kwargs) -> Stage:
+        return train_stage(name, f"{configs}/{experiment}.yaml", *args, *more, **kwargs,
+                           base=[f"{configs}/base.yaml", *base, f"{configs}/mnist_model.yaml"])
+
+    return [mnist("mnist_cnn", "mnist_cnn"),
+            mnist("wallace_fashion", "wallace_fashion", *on("mnist_cnn"), deps=["mnist_cnn"]),
+            mnist("wallace_fashion_moments", "wallace_fashion", *on("mnist_cnn"),
+                  "--data.init_args.recipe.init_args.moments_of", "mnist", deps=["mnist_cnn"])]
 
 
 # The mini graph's arguments; quick() is the same graph's headline stages at smaller sizes.
@@ -175,6 +194,9 @@ def tiny() -> list[Stage]:
     """CI only: seconds-long stages on a real CIFAR-10 subset, the constructed data cached under OUT."""
     constructed = ["--data.init_args.cache_dir", "{out}/constructed", "--data.init_args.progress_bar", "false"]
 
+    def on(*sources: str) -> list[str]:
+        return [*constructed, "--data.init_args.sources", ckpt_list(*sources)]
+
     def train(name: str, experiment: str, *args: str, **kwargs) -> Stage:
         return train_stage(name, f"configs/mini/{experiment}.yaml", *TINY, *args, base=["configs/mini/base.yaml"],
                            **kwargs)
@@ -183,8 +205,7 @@ def tiny() -> list[Stage]:
         train("standard", "standard"),
         train("ensemble_seed_1", "standard", "--seed_everything", "1"),
         train("fresh", "standard", "--seed_everything", "100"),
-        train("d_det", "d_det", *constructed, "--data.init_args.sources", ckpt_list("standard"), deps=["standard"],
-              tests=TEST_AND_SHIFTED),
+        train("d_det", "d_det", *on("standard"), deps=["standard"], tests=TEST_AND_SHIFTED),
         measure_stage("transfer", "transfer", "--target", "{ckpt:standard}", "--ensemble", "{ckpt:ensemble_seed_1}",
                       "--fresh", "{ckpt:fresh}", "--examples", "50", "--steps", "2",
                       deps=["standard", "ensemble_seed_1", "fresh"]),
@@ -194,6 +215,10 @@ def tiny() -> list[Stage]:
         train("robust_linear", "robust_linear", "--model.init_args.arch_kwargs", "{}"),  # not the overlay's widths
         measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_det", "{dir:d_det}",
                       "--examples", "100", deps=["robust_linear", "d_det"]),
+        # Wallace [5.3]: the standard model labels (the mini labeller is the same config stopped early), and the
+        # MNIST pair without the rescaled variant (a recipe option, tests/test_wallace.py).
+        train("wallace_errors", "wallace_errors", *on("standard"), deps=["standard"]),
+        *wallace_mnist("configs/mini", on, *TINY)[:2],
     ]
 
 

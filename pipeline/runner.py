@@ -491,6 +491,8 @@ class Runner:
             "extra_args": self.extra_args, "seed": seed_of(stage), "deps": self._dep_ids(stage),
             "commands": {label: argv for label, argv in steps}, "resumed": resume,
             "results": results, "artifacts": self._artifacts(stage, directory),
+            # the constructed set a fit trained on (its size, statistics, key), None for the others
+            "constructed": outputs.constructed_record(directory) if stage.kind == "train" else None,
             "timings": timings, "started": started, "finished": now(), "versions": self.versions(),
             "machine_slice": machine_slice or {}, "launch": self.launch.describe(),
             "numerics": read_json(directory / NUMERICS_JSON),  # the fit's resolved precision (train stages)

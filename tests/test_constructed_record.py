@@ -18,8 +18,8 @@ from datamodules.constructed import datamodule as constructed_datamodule
 from lightning_modules import ClassifierModule
 from pipeline import outputs
 
-KEYS = {"format", "key", "directory", "grid", "recipe", "sources", "examples", "origin", "generation", "seconds",
-        "stats"}
+KEYS = {"format", "key", "directory", "grid", "recipe", "sources", "examples", "keep", "trained_examples", "origin",
+        "generation", "seconds", "stats"}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,7 @@ def test_a_fit_records_its_constructed_set_and_the_pipeline_reads_only_that_reco
     rebuilt = getattr(importlib.import_module(module), name)(**record["recipe"]["init_args"])
     assert rebuilt.describe() == dm.recipe.describe()
     assert record["sources"] == [str(ckpt)] and record["examples"] == N and record["origin"] == f"{N} generated now"
+    assert record["keep"] is None and record["trained_examples"] == N  # D_det trains on every example
     assert record["generation"] == {"precision": "32-true", "batch_size": 8, "seed": 3, "channels_last": False,
                                     "intra_op_threads": torch.get_num_threads()}
     assert record["generation"]["intra_op_threads"] == manifest["numerics"]["intra_op_threads"]

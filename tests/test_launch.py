@@ -58,8 +58,8 @@ def stage_results(out: Path, stage: str) -> dict:
 
 
 def shard(out: Path) -> dict:
-    """The tensors of the tiny preset's one constructed dataset (D_det, 512 images: one shard)."""
-    (path,) = (out / "constructed").glob("*/shard_00000.safetensors")
+    """The tensors of the tiny preset's D_det (512 images: one shard)."""
+    (path,) = (out / "constructed").glob("relabel_by_attack-*/shard_00000.safetensors")
     return load_file(path)
 
 
@@ -193,8 +193,9 @@ def test_every_stage_runs_on_two_processes_and_agrees_with_one(one_process, two_
     # Trained models: close, within the stated tolerance, on every number the report computes.
     one, two = claim_values(one_process), claim_values(two_processes)
     assert one.keys() == two.keys() and len(one) >= 10
-    for key in one:
-        assert abs(one[key] - two[key]) <= TRAINED_TOLERANCE, (key, one[key], two[key])
+    for key in one:  # fractions within the tolerance; a count (Wallace's set size) within that share of itself
+        scale = max(abs(one[key]), abs(two[key]), 1.0)
+        assert abs(one[key] - two[key]) <= TRAINED_TOLERANCE * scale, (key, one[key], two[key])
 
 
 def slurm_ready() -> None:

@@ -1,4 +1,4 @@
-"""The DataModule of every constructed dataset (D_rand, D_det, D_R, D_NR and Nakkiran's D_det):
+"""The DataModule of every constructed dataset (D_rand, D_det, D_R, D_NR, Nakkiran's D_det, Wallace's errors):
 real CIFAR-10, a training set generated from source checkpoint(s) by a recipe, the real test set. A fit records
 the set it trains on (cache key, recipe, statistics, example grid) as ``constructed.json`` in its run directory,
 which the pipeline reads (``pipeline/outputs.py``)."""
@@ -17,7 +17,7 @@ from common.files import write_json_atomic
 from common.tensors import as_float_images, world_info
 from datamodules.constructed.engine import ConstructedSet, GenerationJob, GenerationSpec, construct
 from datamodules.constructed.recipes import Recipe
-from datamodules.real import CIFAR10DataModule
+from datamodules.real import REAL_DATASETS, CIFAR10DataModule, load_real
 from models import ARCHITECTURES, load_source
 
 GRID = "examples.png"
@@ -25,9 +25,10 @@ RECORD, RECORD_FORMAT = "constructed.json", 1  # the record each fit writes into
 
 
 class ConstructedDataModule(CIFAR10DataModule):
-    """CIFAR-10 whose training set is generated, when the DataModule is set up for fitting, by ``recipe``
-    from the ``sources`` checkpoints; cached under ``cache_dir`` (see ``datamodules/constructed``).
-    Validation and test sets are the real, clean CIFAR-10 test set with true labels."""
+    """CIFAR-10 (or another real dataset: ``images``) whose training set is generated, when the DataModule is
+    set up for fitting, by ``recipe`` from the ``sources`` checkpoints; cached under ``cache_dir`` (see
+    ``datamodules/constructed``).
+    Validation and test sets are the real, clean test set (of ``test_images``) with true labels."""
 
     def __init__(
         self,
@@ -43,6 +44,8 @@ class ConstructedDataModule(CIFAR10DataModule):
         source_arch: str | None = None,
         progress_bar: bool = True,
         grid_examples: int = 8,
+        images: str = "cifar10",
+        test_images: str | None = None,
         **kwargs,
     ) -> None:
         """
@@ -53,7 +56,7 @@ class ConstructedDataModule(CIFAR10DataModule):
             recipe: what is done to each batch: ``datamodules.RelabelByAttack`` (D_rand, D_det, and
                 Nakkiran's plain-PGD D_det), ``datamodules.NonTransferableAttack`` (Nakkiran's D_det;
                 sources = [target, ensemble members...]) or ``datamodules.RepresentationInversion``
-                (D_R, D_NR).
+                (D_R, D_NR) or ``datamodules.RelabelByPrediction`` (Wallace's relabelled errors).
             cache_dir: where generated datasets are stored, one folder per key (float32 images: 614 MB for
                 the 50,000 CIFAR-10 training images). Under DDP it must be shared by all ranks.
             generation_precision: numerics of generation: ``32-true``, ``bf16-mixed``, ``16-mixed`` or ``auto``
@@ -68,8 +71,17 @@ class ConstructedDataModule(CIFAR10DataModule):
             source_arch: if set, every source checkpoint must be this architecture.
             progress_bar: show a progress bar over generation batches (rank 0).
             grid_examples: number of (original, constructed) pairs in the logged example grid.
+            images: the real dataset whose training images the recipe starts from: ``cifar10``, ``mnist`` or
+                ``fashion_mnist`` (Wallace: an MNIST model labels Fashion-MNIST).
+            test_images: the real dataset of the validation and test sets (default: ``images``), e.g. ``mnist``
+                for a model trained on MNIST-labelled Fashion-MNIST.
         """
         super().__init__(**kwargs)
+        for name, value in (("images", images), ("test_images", test_images)):
+            if value is not None and value not in REAL_DATASETS:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of {list(REAL_DATASETS)}; fix "
+                                  f"data.init_args.{name}")
+        self.images, self.test_images = images, test_images or images
         # Everything that can be checked without data is checked here, before the trainer (and its run
         # directory) exists and before anything is written under cache_dir.
         self.generation = GenerationSpec(precision=generation_precision, batch_size=generation_batch_size,
@@ -97,6 +109,12 @@ class ConstructedDataModule(CIFAR10DataModule):
         self.constructed: ConstructedSet | None = None
         self.clean_train: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def load(self):
+        train_x, train_y, test_x, test_y = load_real(self.images, self.data_dir, self.download)
+        if self.test_images != self.images:
+            test_x, test_y = load_real(self.test_images, self.data_dir, self.download)[2:]
+        return train_x, train_y, test_x, test_y
+
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)  # real data, subset, validation split and test labels: once
         if self.constructed is None and stage in (None, "fit"):  # testing a trained model needs no generation
@@ -108,7 +126,7 @@ class ConstructedDataModule(CIFAR10DataModule):
                 check_data(self, stage)
             self.clean_train = self.train
             self.constructed = self.generate()
-            self.train = self.constructed.x, self.constructed.y
+            self.train = self.constructed.training_set(self.recipe.keep)
             self.report()
             self.write_record()
 
@@ -152,7 +170,8 @@ class ConstructedDataModule(CIFAR10DataModule):
             return
         grid = self.constructed.directory / GRID
         figure = example_grid(*self.clean_train, self.constructed.x, self.constructed.y, self.grid_examples,
-                              title=f"{self.recipe.name} {self.recipe.config()}")
+                              title=f"{self.recipe.name} {self.recipe.config()}",
+                              classes=CLASSES if self.images == self.test_images == "cifar10" else None)
         if not grid.exists():  # several jobs may share the cache: write under a unique temporary name
             save_figure(figure, grid, dpi=100, close=False)
         loggers = self.trainer.loggers if self.trainer is not None else []
@@ -171,6 +190,8 @@ class ConstructedDataModule(CIFAR10DataModule):
             "recipe": {"class_path": self.recipe.class_path(), "init_args": self.recipe.config()},
             "sources": list(self.sources),
             "examples": manifest["examples"],
+            "keep": self.recipe.keep,  # the statistic that selects the training set (None: every example)
+            "trained_examples": len(self.train[1]),
             "origin": self.origin(),
             "generation": {"precision": self.generation.precision, "batch_size": self.generation.batch_size,
                            "seed": self.generation.seed, "channels_last": self.generation.channels_last,
@@ -190,8 +211,9 @@ class ConstructedDataModule(CIFAR10DataModule):
 
 
 def example_grid(clean_x: torch.Tensor, clean_y: torch.Tensor, new_x: torch.Tensor, new_y: torch.Tensor,
-                 n: int = 8, title: str = ""):
-    """A matplotlib figure: the first ``n`` originals (true labels) above their constructed versions."""
+                 n: int = 8, title: str = "", classes: tuple[str, ...] | None = CLASSES):
+    """A matplotlib figure: the first ``n`` originals (true labels) above their constructed versions; labels by
+    name from ``classes`` (None: by number, e.g. Fashion-MNIST images with MNIST labels)."""
     plt = pyplot()
     n = min(n, len(new_y))
     fig, axes = plt.subplots(2, n, figsize=(1.2 * n + 0.4, 3.0), squeeze=False)
@@ -201,7 +223,7 @@ def example_grid(clean_x: torch.Tensor, clean_y: torch.Tensor, new_x: torch.Tens
             image = as_float_images(x[col]).clamp(0, 1).permute(1, 2, 0).squeeze(-1)
             ax.imshow(image.numpy(), cmap="gray" if image.dim() == 2 else None)
             label = int(y[col])
-            ax.set_title(CLASSES[label] if label < len(CLASSES) else str(label), fontsize=8)
+            ax.set_title(classes[label] if classes and label < len(classes) else str(label), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[row][0].set_ylabel(tag, fontsize=8)

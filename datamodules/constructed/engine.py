@@ -194,6 +194,21 @@ class ConstructedSet:
     directory: Path
     generated: int = 0  # examples generated (not loaded from the cache) by this process in this run
 
+    def training_set(self, keep: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels to train on: every example, or (``keep``: a recipe's ``Recipe.keep``) only those
+        whose statistic ``keep`` is nonzero."""
+        if keep is None:
+            return self.x, self.y
+        if keep not in self.stats:
+            raise GenerationError(f"the recipe keeps the examples with a nonzero {keep!r}, a statistic "
+                                  f"this dataset lacks (it has {sorted(self.stats)}); regenerate it: delete "
+                                  f"{self.directory}")
+        mask = self.stats[keep] != 0
+        if not mask.any():
+            raise GenerationError(f"no example of {self.directory} has a nonzero {keep!r}: nothing to train on "
+                                  "(e.g. a source model that gets every training image right)")
+        return self.x[mask], self.y[mask]
+
 
 def check_output(out: RecipeOutput, batch: Batch) -> None:
     """Refuse NaN / inf images or statistics (naming the examples) and malformed output."""

@@ -12,6 +12,11 @@ set: a recipe never draws from a shared stream, so the output does not depend on
   ensemble of independently trained models keeps the true label; label = target.
 - ``RepresentationInversion``: D_R / D_NR (Ilyas et al. Sec. 3.1), match the source's representation
   starting from another training image, label = original label.
+- ``RelabelByPrediction``: Wallace's relabelled data (SPEC 5.3), the images unchanged, label = the source's
+  prediction; optionally only the images the source gets wrong (``keep``, below).
+
+A recipe maps a batch to a batch of the same size; a recipe that trains on only some examples names a per-example
+statistic in ``keep`` and the training set is the examples where it is nonzero (``ConstructedSet.training_set``).
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from torch import Tensor, nn
 from attacks import check_attack_args, pgd
 from attacks.ensemble import make_ensemble, nakkiran_loss
 from attacks.pgd import LossFn
+from common.datasets import MNIST_MEAN, MNIST_STD
 from common.errors import ConfigError
 from common.tensors import as_float_images
 
 TARGET_RULES = ("random", "shift")
+PIXEL_MOMENTS = {"mnist": (MNIST_MEAN[0], MNIST_STD[0])}  # RelabelByPrediction(moments_of=...): mean, std
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Recipe:
     # How many source checkpoints the recipe takes: (at least, at most; None for no limit). The DataModule
     # checks it at construction (check_sources), before any data is loaded or written.
     source_count: tuple[int, int | None] = (1, None)
+    # A per-example statistic: the training set is the examples where it is nonzero (None: every example).
+    keep: str | None = None
 
     def config(self) -> dict:
         return dict(self._config)
@@ -282,3 +291,50 @@ class RepresentationInversion(Recipe):
                 "perturbation_l2": l2_distance(z, batch.x),  # how far the result is from the original image
             }
         return RecipeOutput(z, batch.y.clone(), stats)
+
+
+class RelabelByPrediction(Recipe):
+    """Wallace's "learning from incorrectly labelled data" (SPEC 5.3): every image unchanged, labelled with the
+    source model's prediction; with ``only_wrong`` the training set is only the images the source gets wrong,
+    each with its wrong label (statistic ``wrong``). A model that learns the true task from them has distilled
+    the source from its errors alone."""
+
+    name = "relabel_by_prediction"
+    source_count = (1, 1)
+
+    def __init__(self, only_wrong: bool = True, moments_of: str | None = None) -> None:
+        """
+        Args:
+            only_wrong: train only on the images the source misclassifies (Wallace's CIFAR-10 experiment);
+                false: on every image with the source's label (his MNIST -> Fashion-MNIST one).
+            moments_of: ``mnist``: before labelling, shift and scale the images (all of them alike) to MNIST's
+                pixel mean and standard deviation (their own measured over the whole training set); the
+                constructed set holds the rescaled images. None: the images as they are.
+        """
+        if moments_of not in (None, *PIXEL_MOMENTS):
+            raise ConfigError(f"unknown moments_of {moments_of!r}; choose one of {[None, *PIXEL_MOMENTS]}")
+        self.only_wrong, self.moments_of = only_wrong, moments_of
+        self.keep = "wrong" if only_wrong else None
+        self._config = {"only_wrong": only_wrong, **({"moments_of": moments_of} if moments_of else {})}
+        self._pool_moments: tuple[tuple, tuple[float, float]] | None = None
+
+    def pool_moments(self, pool: Tensor) -> tuple[float, float]:
+        """Pixel mean and standard deviation of the whole training set being constructed (computed once)."""
+        tag = (pool.data_ptr(), tuple(pool.shape))
+        if self._pool_moments is None or self._pool_moments[0] != tag:
+            values = torch.cat([as_float_images(part).flatten().double() for part in pool.split(4096)])
+            self._pool_moments = tag, (values.mean().item(), values.std().item())
+        return self._pool_moments[1]
+
+    def __call__(self, sources: Sequence[nn.Module], batch: Batch) -> RecipeOutput:
+        model = self._single(sources)
+        x = batch.x.clone()
+        if self.moments_of is not None:
+            (mean, std), (to_mean, to_std) = self.pool_moments(batch.pool), PIXEL_MOMENTS[self.moments_of]
+            x = (x - mean) / std * to_std + to_mean
+        with torch.no_grad(), autocast(batch, x.device):
+            logits = model(x).float()
+        prediction = logits.argmax(1)
+        stats = {"wrong": (prediction != batch.y).float(),
+                 "confidence": logits.softmax(1).amax(1)}  # how sure the source is of the label it gives
+        return RecipeOutput(x, prediction, stats)
