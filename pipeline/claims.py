@@ -213,6 +213,32 @@ def section_51() -> list[Row]:
     return rows
 
 
+G52 = "5.2 Two useful non-robust features (Goh): truck vs frog, linear features in the pixel basis"
+
+
+def goh(feature: str, key: str) -> Getter:
+    return lambda r: r.measured("goh_features", *feature.split("/"), key)
+
+
+def section_52() -> list[Row]:
+    """Goh's constructions are useful (held-out usefulness > 0) and not robust (robust usefulness < 0 at L2 eps
+    1), the containment although it holds a robust direction. Usefulness is a correlation in [-1, 1]."""
+    rows = []
+    for feature, text in (("ensemble", "ensemble of non-robust basis vectors"),
+                          ("containment", "containment (ensemble + a robust direction)")):
+        rows += [Row(f"goh_features.{feature}_usefulness", G52, f"{text}: usefulness on held-out images", "> 0",
+                     goh(feature, "usefulness"), claim("useful: usefulness > 0", lambda u: u > 0,
+                                                       goh(feature, "usefulness")), percent=False),
+                 Row(f"goh_features.{feature}_robust_usefulness", G52, f"{text}: robust usefulness at L2 eps 1",
+                     "< 0", goh(feature, "robust_usefulness"),
+                     claim("not robust: robust usefulness < 0", lambda u: u < 0, goh(feature, "robust_usefulness")),
+                     percent=False)]
+    return [*rows, Row("goh_features.robust_part", G52, "the containment's robust direction: robust usefulness at "
+                       "L2 eps 1", "> 0", goh("containment/robust_part", "robust_usefulness"),
+                       claim("robust: robust usefulness > 0", lambda u: u > 0,
+                             goh("containment/robust_part", "robust_usefulness")), percent=False)]
+
+
 W53 = "5.3 Learning from incorrectly labelled data (Wallace)"
 
 
@@ -330,6 +356,7 @@ ROWS: list[Row] = [
         claim("accuracy tracks transferability: Spearman correlation > 0.5", lambda c: c > 0.5, figure3_correlation),
         percent=False),
     *section_51(),
+    *section_52(),
     *section_53(),
 ]
 

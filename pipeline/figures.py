@@ -92,6 +92,34 @@ def figure3(results: Results, path: Path) -> Path | None:
     return save(fig, path)
 
 
+def goh_features(results: Results, path: Path) -> Path | None:
+    """Goh's scatter (SPEC 5.2): usefulness against robustness of the basis vectors and of the two constructions,
+    with the curve below which a feature is not robust at the measured eps."""
+    measured = results.measured("goh_features", "basis")
+    if not measured:
+        return None
+    goh = results.measured("goh_features")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(measured["robustness"], measured["usefulness"], s=6, color="tab:blue", alpha=0.6,
+               label=f"basis vectors (the {len(measured['robustness'])} most robust)")
+    for name, colour in (("ensemble", "tab:red"), ("containment", "tab:green")):
+        ax.scatter(goh[name]["robustness"], goh[name]["usefulness"], s=60, marker="*", color=colour, label=name,
+                   zorder=3)
+    part = goh["containment"]["robust_part"]
+    ax.scatter(part["robustness"], part["usefulness"], s=40, marker="o", facecolor="none", edgecolor="tab:green",
+               label="containment's robust direction", zorder=3)
+    xs = sorted(r for r in measured["robustness"] if r > 0)
+    ax.plot(xs, [goh["eps"] / r for r in xs], color="grey", ls="--", lw=1, label=f"robust usefulness 0 at L2 eps "
+            f"{goh['eps']:g}")
+    ax.set(xscale="log", ylim=(-0.3, 1.0), xlabel="robustness ||a||_Sigma / ||a||_2 (pixel units)",
+           ylabel="usefulness E[y f(x)], held-out images",
+           title=f"Goh: useful non-robust features ({goh['classes'][0]} vs {goh['classes'][1]})")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
 def collect_grids(records: Mapping[str, dict | None], folder: Path) -> dict[str, Path]:
     """Copy the example grid of every constructed dataset a stage trained on to ``folder/examples_<stage>.png``."""
     copied = {}
@@ -111,6 +139,7 @@ def write_figures(records: Mapping[str, dict | None], folder: Path) -> dict[str,
     results = Results(records)
     made = {"figure2": figure2(results, folder / "figure2_robust_datasets.png"),
             "accuracy_vs_eps": accuracy_vs_eps(records, folder / "accuracy_vs_eps.png"),
-            "figure3": figure3(results, folder / "figure3_transfer.png")}
+            "figure3": figure3(results, folder / "figure3_transfer.png"),
+            "goh_features": goh_features(results, folder / "goh_features.png")}
     made.update({f"examples_{k}": v for k, v in collect_grids(records, folder).items()})
     return {k: v for k, v in made.items() if v is not None}

@@ -4,6 +4,7 @@
     python -m pipeline.measure figure3 --out DIR --source S.ckpt --fresh F.ckpt [F2.ckpt ...] \
         --ddet runs/.../d_det [runs/.../d_det_resnet18 ...] ...
     python -m pipeline.measure leakage --out DIR --features robust_linear.ckpt --d_rand runs/.../d_rand ...
+    python -m pipeline.measure goh_features --out DIR [--classes truck frog --eps 1 --rank 100 --alpha 0.5]
 
 Each writes ``DIR/measure.json`` (atomically) and sends its numbers (Figure 3: also its plot) to the loggers
 (``--logger_config``; default CSV + TensorBoard under DIR). Both attack a fixed, seeded subset of the real
@@ -220,13 +221,79 @@ def leakage(*, features: str, d_rand: str | None = None, d_det: str | None = Non
     return results
 
 
+def goh_features(*, classes: Sequence[str] = ("truck", "frog"), eps: float = 1.0, rank: int = 100,
+                 alpha: float = 0.25, examples: int = 2000, seed: int = 0, batch_size: int = 250,
+                 data_dir: str | None = None, plotted: int = 500) -> dict:
+    """Goh's two useful non-robust features (SPEC 5.2): CIFAR-10 ``classes[0]`` (+1) against ``classes[1]`` (-1),
+    the singular vectors of the centred training images as the basis; usefulness and robust usefulness at L2
+    ``eps`` of every basis vector on held-out (test) images, and of two constructions: the signed sum of the
+    non-robust vectors among the ``rank`` most robust (ensemble), and ``(1 - alpha)`` of it plus ``alpha`` of
+    the most useful robust vector (containment). Directions are chosen on training images only."""
+    import torch
+
+    from common.datasets import CIFAR10_CLASSES
+    from datamodules.cifar10 import load_cifar10
+    from datamodules.files import resolve_data_dir
+    from models.linear_features import (
+        containment_feature,
+        ensemble_feature,
+        pixel_basis,
+        robust_usefulness,
+        robustness,
+        usefulness,
+    )
+
+    unknown = [c for c in classes if c not in CIFAR10_CLASSES]
+    if len(classes) != 2 or unknown:
+        raise ConfigError(f"goh_features: --classes takes two of {list(CIFAR10_CLASSES)}, got {list(classes)}")
+    positive, negative = (CIFAR10_CLASSES.index(c) for c in classes)
+    train_x, train_y, test_x, test_y = load_cifar10(resolve_data_dir(data_dir))
+
+    def two_classes(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = (y == positive) | (y == negative)
+        return x[keep].double() / 255, torch.where(y[keep] == positive, 1.0, -1.0).double()
+
+    x, y = two_classes(train_x, train_y)
+    held_x, held_y = two_classes(test_x, test_y)
+    pick = torch.randperm(len(held_y), generator=torch.Generator().manual_seed(seed))[:examples].sort().values
+    held_x, held_y = held_x[pick], held_y[pick]
+    basis = pixel_basis(x)
+    x, held_x = basis.centre(x), basis.centre(held_x)
+
+    def scores(a: torch.Tensor) -> dict:
+        a = a[:, None]
+        return {"usefulness_train": usefulness(a, x, y, basis).item(), "usefulness": usefulness(a, held_x, held_y,
+                basis).item(), "robust_usefulness": robust_usefulness(a, held_x, held_y, basis, eps).item(),
+                "robustness": robustness(a, basis).item()}
+
+    useful_train = usefulness(basis.vectors, x, y, basis)
+    robust_train = useful_train - eps / basis.robustness
+    if not (robust_train > 0).any():
+        raise ConfigError(f"goh_features: no basis vector is robust at eps {eps} on the training images; use a "
+                          "smaller --eps")
+    ensemble = ensemble_feature(basis, useful_train, eps, rank)
+    best = int(torch.argmax(torch.where(robust_train > 0, useful_train, -torch.inf)))  # the most useful robust one
+    robust_part = torch.sign(useful_train[best]) * basis.vectors[:, best]
+    containment = containment_feature(ensemble, robust_part, basis, alpha)
+    useful_held = usefulness(basis.vectors, held_x, held_y, basis)
+    return {
+        "classes": list(classes), "train_examples": len(y), "examples": len(held_y), "seed": seed, "eps": eps,
+        "rank": rank, "alpha": alpha,
+        "basis": {"robustness": basis.robustness[:plotted].tolist(), "usefulness": useful_held[:plotted].tolist(),
+                  "robust_vectors": int((useful_held - eps / basis.robustness > 0).sum()),
+                  "useful_vectors": int((useful_held > 0).sum())},
+        "ensemble": {**scores(ensemble), "directions": int((robust_train[:rank] <= 0).sum())},
+        "containment": {**scores(containment), "robust_part": {"index": best, **scores(robust_part)}},
+    }
+
+
 def figure3_scalars(results: dict) -> dict[str, float]:
     """``figure3/<stage>/{accuracy,transfer}`` for every point that has both."""
     return {f"figure3/{p['stage']}/{k}": float(p[k]) for p in results["points"] for k in ("accuracy", "transfer")
             if p.get(k) is not None}
 
 
-MEASURES = {"transfer": transfer, "figure3": figure3, "leakage": leakage}
+MEASURES = {"transfer": transfer, "figure3": figure3, "leakage": leakage, "goh_features": goh_features}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -259,6 +326,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--features", required=True, help="checkpoint of the certified linear model (robust_linear)")
     for name in ("d_rand", "d_det", "released_d_rand", "released_d_det"):
         g.add_argument(f"--{name}", default=None, help="folder of the finished stage that trained on that dataset")
+    h = sub.add_parser("goh_features", parents=[common], help=goh_features.__doc__.splitlines()[0])
+    h.add_argument("--classes", nargs=2, default=["truck", "frog"], help="the +1 and the -1 class")
+    h.add_argument("--eps", type=float, default=1.0, help="L2 radius of the adversary (Goh: 1)")
+    h.add_argument("--rank", type=int, default=100, help="the ensemble sums non-robust vectors among this many")
+    h.add_argument("--alpha", type=float, default=0.25, help="containment: the robust direction's share")
     return p
 
 
@@ -277,6 +349,7 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
     """The measurement to the loggers: its numbers, its arguments and (Figure 3) the scatter plot."""
     from pipeline.claims import Results
     from pipeline.figures import figure3 as figure3_plot
+    from pipeline.figures import goh_features as goh_plot
     from pipeline.measure_loggers import log_measurement, scalars
 
     figures = {}
@@ -284,6 +357,11 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
         metrics = figure3_scalars(results)
         png = figure3_plot(Results({"figure3": {"results": results}}), out / "figure3_transfer.png")
         figures = {"figure3/transfer_vs_accuracy": png} if png else {}
+    elif name == "goh_features":
+        metrics = {f"goh/{feature}/{k}": results[feature][k] for feature in ("ensemble", "containment")
+                   for k in ("usefulness", "robust_usefulness", "robustness")}
+        png = goh_plot(Results({"goh_features": {"results": results}}), out / "goh_features.png")
+        figures = {"goh/usefulness_vs_robustness": png} if png else {}
     elif name == "leakage":
         metrics = {f"leakage/{k}": v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
     else:

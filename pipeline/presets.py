@@ -19,6 +19,7 @@ and ``tiny`` (CI tests).
     squares (tests: the 20-epoch and the 1-epoch network) adversarial squares [4.3]
     robust_linear                                     Goh's certified linear model [5.1]
     leakage                  <- robust_linear, d_rand, d_det   (measure) robust feature leakage [5.1]
+    goh_features                                      (measure) useful non-robust linear features [5.2]
     wallace_labeller, wallace_errors <- wallace_labeller   a model trained on another's errors only [5.3]
     mnist_cnn, wallace_fashion(_moments) <- mnist_cnn  MNIST labels on Fashion-MNIST, tested on MNIST [5.3]
     fresh_<arch>, d_det_<arch>  <- standard           Figure 3's other architectures (paper: ResNet-18, VGG-16)
@@ -119,6 +120,8 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int,
         train("robust_linear", "robust_linear"),
         measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_rand", "{dir:d_rand}",
                       "--d_det", "{dir:d_det}", "--examples", "10000", deps=["robust_linear", "d_rand", "d_det"]),
+        # Goh [5.2]: useful non-robust linear features of truck vs frog (the whole two-class test set held out).
+        measure_stage("goh_features", "goh_features", "--examples", "2000"),
         # Wallace [5.3]: a fresh model taught by a labeller's errors alone; an MNIST model's labels on Fashion-MNIST.
         train("wallace_labeller", "wallace_labeller"),
         train("wallace_errors", "wallace_errors", *on("wallace_labeller"), deps=["wallace_labeller"]),
@@ -215,6 +218,7 @@ def tiny() -> list[Stage]:
         train("robust_linear", "robust_linear", "--model.init_args.arch_kwargs", "{}"),  # not the overlay's widths
         measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_det", "{dir:d_det}",
                       "--examples", "100", deps=["robust_linear", "d_det"]),
+        measure_stage("goh_features", "goh_features", "--examples", "200"),
         # Wallace [5.3]: the standard model labels (the mini labeller is the same config stopped early), and the
         # MNIST pair without the rescaled variant (a recipe option, tests/test_wallace.py).
         train("wallace_errors", "wallace_errors", *on("standard"), deps=["standard"]),
@@ -238,7 +242,8 @@ REHEARSAL_EXPERIMENT = {  # by the experiment's config name; every other train s
                                                                       for n in NORMS))},
 }
 REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "20", "--steps", "2"),
-                                                    "figure3": ("--examples", "20"), "leakage": ("--examples", "100")}
+                                                    "figure3": ("--examples", "20"), "leakage": ("--examples", "100"),
+                                                    "goh_features": ("--examples", "200")}
 
 
 def rehearsal(stages: Sequence[Stage]) -> list[Stage]:
