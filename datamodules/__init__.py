@@ -1,6 +1,7 @@
 """Data: real datasets held in memory, and the constructed datasets generated from checkpoints."""
 
 from datamodules.base import InMemoryDataModule, balanced_subset
+from datamodules.cifar10c import CIFAR10CDataModule
 from datamodules.constructed import CacheWarning, ConstructedDataModule, GenerationError
 from datamodules.constructed.recipes import (
     NonTransferableAttack,
@@ -15,6 +16,7 @@ from datamodules.released import ReleasedDataModule, UnsafeFileError, load_relea
 from datamodules.squares import SquaresDataModule, make_squares
 
 __all__ = [
+    "CIFAR10CDataModule",
     "CIFAR10DataModule",
     "CacheWarning",
     "ConstructedDataModule",
