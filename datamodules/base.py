@@ -76,7 +76,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def __init__(self, data_dir: str | None = None, batch_size: int = 128, eval_batch_size: int | None = None,
                  train_size: int | None = None, val_size: int = 0, augment: bool = True, crop_padding: int = 4,
-                 flip: bool = True, seed: int = 0, test_label_shift: int = 0) -> None:
+                 flip: bool = True, seed: int = 0, test_label_shift: int = 0, noise_std: float = 0.0) -> None:
         """
         Args:
             data_dir: folder holding the dataset; default ``$BOF_DATA_DIR``, else ``./data``.
@@ -91,6 +91,8 @@ class InMemoryDataModule(pl.LightningDataModule):
             seed: seed of the subset, the validation split and the shuffling.
             test_label_shift: evaluate the test set against labels (y + shift) mod C, e.g. 1 for the shifted
                 labels of D_det; validation always uses the true labels.
+            noise_std: Gaussian data augmentation: add N(0, noise_std^2) noise to every training pixel (after the
+                crop and flip, in [0, 1] units) and clip to [0, 1] (Gilmer & Hendrycks' noise-trained model).
         """
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
@@ -99,6 +101,9 @@ class InMemoryDataModule(pl.LightningDataModule):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ConfigError(f"{name} must be an int >= {low}, got {value!r}; fix data.init_args.{name}")
         self.check_test_label_shift(test_label_shift)
+        if isinstance(noise_std, bool) or not isinstance(noise_std, int | float) or noise_std < 0:
+            raise ConfigError(f"noise_std must be a number >= 0, got {noise_std!r}; fix data.init_args.noise_std")
+        self.noise_std = float(noise_std)
         self.save_hyperparameters()
         self.data_dir = resolve_data_dir(data_dir)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -214,6 +219,9 @@ class InMemoryDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Split, dataloader_idx: int) -> Split:
         x, y = batch
         x = as_float_images(x)
-        if self.augment and self.trainer is not None and self.trainer.training:
-            x = random_crop_flip(x, self.crop_padding, self.flip)
+        if self.trainer is not None and self.trainer.training:
+            if self.augment:
+                x = random_crop_flip(x, self.crop_padding, self.flip)
+            if self.noise_std:
+                x = (x + self.noise_std * torch.randn_like(x)).clamp(0, 1)
         return x, y

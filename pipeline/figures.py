@@ -120,6 +120,25 @@ def goh_features(results: Results, path: Path) -> Path | None:
     return save(fig, path)
 
 
+def fourier_heat_maps(results: Results, path: Path) -> Path | None:
+    """Gilmer & Hendrycks / Yin et al.: each model's error under Fourier-basis noise, frequency by frequency."""
+    measured = results.measured("frequency", "models")
+    if not measured:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(measured), figsize=(3.2 * len(measured) + 0.8, 3.4), squeeze=False)
+    norm = results.measured("frequency", "norm")
+    for ax, (name, model) in zip(axes[0], measured.items(), strict=True):
+        size = len(model["error_map"])
+        shown = ax.imshow([[100 * e for e in row] for row in model["error_map"]], vmin=0, vmax=100, cmap="viridis",
+                          extent=(-size / 2 - 0.5, size / 2 - 0.5, size / 2 - 0.5, -size / 2 - 0.5))
+        ax.set(title=f"{name}\nfog {100 * model['fog_acc']:.0f}%, contrast {100 * model['contrast_acc']:.0f}%",
+               xlabel="frequency v", ylabel="frequency u")
+        ax.title.set_fontsize(8)
+    fig.colorbar(shown, ax=list(axes[0]), label=f"test error (%), Fourier noise of L2 norm {norm:g}")
+    return save(fig, path)
+
+
 def collect_grids(records: Mapping[str, dict | None], folder: Path) -> dict[str, Path]:
     """Copy the example grid of every constructed dataset a stage trained on to ``folder/examples_<stage>.png``."""
     copied = {}
@@ -140,6 +159,7 @@ def write_figures(records: Mapping[str, dict | None], folder: Path) -> dict[str,
     made = {"figure2": figure2(results, folder / "figure2_robust_datasets.png"),
             "accuracy_vs_eps": accuracy_vs_eps(records, folder / "accuracy_vs_eps.png"),
             "figure3": figure3(results, folder / "figure3_transfer.png"),
-            "goh_features": goh_features(results, folder / "goh_features.png")}
+            "goh_features": goh_features(results, folder / "goh_features.png"),
+            "fourier_heat_maps": fourier_heat_maps(results, folder / "fourier_heat_maps.png")}
     made.update({f"examples_{k}": v for k, v in collect_grids(records, folder).items()})
     return {k: v for k, v in made.items() if v is not None}

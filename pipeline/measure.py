@@ -4,7 +4,8 @@
     python -m pipeline.measure figure3 --out DIR --source S.ckpt --fresh F.ckpt [F2.ckpt ...] \
         --ddet runs/.../d_det [runs/.../d_det_resnet18 ...] ...
     python -m pipeline.measure leakage --out DIR --features robust_linear.ckpt --d_rand runs/.../d_rand ...
-    python -m pipeline.measure goh_features --out DIR [--classes truck frog --eps 1 --rank 100 --alpha 0.5]
+    python -m pipeline.measure goh_features --out DIR [--classes truck frog --eps 1 --rank 100 --alpha 0.25]
+    python -m pipeline.measure frequency --out DIR --model standard=S.ckpt adversarial_l2=A.ckpt ...
 
 Each writes ``DIR/measure.json`` (atomically) and sends its numbers (Figure 3: also its plot) to the loggers
 (``--logger_config``; default CSV + TensorBoard under DIR). Both attack a fixed, seeded subset of the real
@@ -287,13 +288,70 @@ def goh_features(*, classes: Sequence[str] = ("truck", "frog"), eps: float = 1.0
     }
 
 
+# Gilmer & Hendrycks' frequency bands of the Fourier error map, by max(|u|, |v|) (our choice of edges).
+LOW_BAND, HIGH_BAND = (0, 4), (12, 16)
+
+
+def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cifar10c: str | None = None,
+              corruption_examples: int | None = None, examples: int = 1000, seed: int = 0, batch_size: int = 250,
+              data_dir: str | None = None) -> dict:
+    """Gilmer & Hendrycks (SPEC 5.4): per model (``NAME=CKPT``), the error under Fourier-basis noise of L2 norm
+    ``norm`` for every frequency on a seeded subset of the test set, its mean accuracy in a low and a high band,
+    and the accuracy under CIFAR-10-C fog and contrast at ``severity`` (the files of ``cifar10c`` when given, else
+    generated) on the test set (or a seeded subset of ``corruption_examples``)."""
+    import torch
+
+    from attacks.fourier import band_error, fourier_error_map
+    from common.tensors import as_float_images
+    from datamodules import CIFAR10CDataModule
+
+    models = dict(pair.split("=", 1) for pair in model)
+    if len(models) != len(model) or not all(models.values()):
+        raise ConfigError(f"frequency: --model takes NAME=CHECKPOINT pairs with distinct names, got {list(model)}")
+    device = _device()
+    x, y = (t.to(device) for t in cifar_test_subset(examples, seed, data_dir))
+    corrupted = {}
+    for corruption in ("fog", "contrast"):
+        dm = CIFAR10CDataModule(data_dir=data_dir, corruption=corruption, severity=severity, folder=cifar10c)
+        dm.setup("test")
+        cx, cy = dm.test
+        if corruption_examples is not None:
+            keep = torch.randperm(len(cy), generator=torch.Generator().manual_seed(seed))[:corruption_examples]
+            cx, cy = cx[keep.sort().values], cy[keep.sort().values]
+        corrupted[corruption] = (cx, cy, "CIFAR-10-C files" if dm.has_files(corruption) else "generated")
+
+    def accuracy(net, images: torch.Tensor, labels: torch.Tensor) -> float:
+        right = 0
+        with torch.no_grad():
+            for start in range(0, len(labels), batch_size):
+                part = as_float_images(images[start:start + batch_size]).to(device)
+                right += int((net(part).argmax(1).cpu() == labels[start:start + batch_size].cpu()).sum())
+        return right / len(labels)
+
+    results = {"examples": examples, "seed": seed, "norm": norm, "severity": severity,
+               "bands": {"low": list(LOW_BAND), "high": list(HIGH_BAND)},
+               "corruptions": {c: {"examples": len(v[1]), "source": v[2]} for c, v in corrupted.items()},
+               "models": {}}
+    for name, path in models.items():
+        start = time.monotonic()
+        net = _model(path).eval()
+        errors = fourier_error_map(net, x, y, norm=norm, seed=seed, batch_size=batch_size)
+        results["models"][name] = {
+            "checkpoint": path, "clean_acc": accuracy(net, x, y),
+            "low_band_acc": 1 - band_error(errors, *LOW_BAND), "high_band_acc": 1 - band_error(errors, *HIGH_BAND),
+            **{f"{c}_acc": accuracy(net, cx, cy) for c, (cx, cy, _) in corrupted.items()},
+            "error_map": errors.tolist(), "seconds": round(time.monotonic() - start, 1)}
+    return results
+
+
 def figure3_scalars(results: dict) -> dict[str, float]:
     """``figure3/<stage>/{accuracy,transfer}`` for every point that has both."""
     return {f"figure3/{p['stage']}/{k}": float(p[k]) for p in results["points"] for k in ("accuracy", "transfer")
             if p.get(k) is not None}
 
 
-MEASURES = {"transfer": transfer, "figure3": figure3, "leakage": leakage, "goh_features": goh_features}
+MEASURES = {"transfer": transfer, "figure3": figure3, "leakage": leakage, "goh_features": goh_features,
+            "frequency": frequency}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -331,6 +389,12 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--eps", type=float, default=1.0, help="L2 radius of the adversary (Goh: 1)")
     h.add_argument("--rank", type=int, default=100, help="the ensemble sums non-robust vectors among this many")
     h.add_argument("--alpha", type=float, default=0.25, help="containment: the robust direction's share")
+    q = sub.add_parser("frequency", parents=[common], help=frequency.__doc__.splitlines()[0])
+    q.add_argument("--model", nargs="+", required=True, metavar="NAME=CKPT", help="the models to measure")
+    q.add_argument("--norm", type=float, default=4.0, help="L2 norm of the Fourier-basis noise (Yin et al.: 4)")
+    q.add_argument("--severity", type=int, default=5, help="CIFAR-10-C severity of fog and contrast (1..5)")
+    q.add_argument("--cifar10c", default=None, help="folder of the CIFAR-10-C .npy files (default: generate)")
+    q.add_argument("--corruption_examples", type=int, default=None, help="a seeded subset of the corrupted test set")
     return p
 
 
@@ -349,6 +413,7 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
     """The measurement to the loggers: its numbers, its arguments and (Figure 3) the scatter plot."""
     from pipeline.claims import Results
     from pipeline.figures import figure3 as figure3_plot
+    from pipeline.figures import fourier_heat_maps as frequency_plot
     from pipeline.figures import goh_features as goh_plot
     from pipeline.measure_loggers import log_measurement, scalars
 
@@ -362,6 +427,11 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
                    for k in ("usefulness", "robust_usefulness", "robustness")}
         png = goh_plot(Results({"goh_features": {"results": results}}), out / "goh_features.png")
         figures = {"goh/usefulness_vs_robustness": png} if png else {}
+    elif name == "frequency":
+        metrics = {f"frequency/{m}/{k}": v[k] for m, v in results["models"].items()
+                   for k in ("clean_acc", "low_band_acc", "high_band_acc", "fog_acc", "contrast_acc")}
+        png = frequency_plot(Results({"frequency": {"results": results}}), out / "fourier_heat_maps.png")
+        figures = {"frequency/fourier_heat_maps": png} if png else {}
     elif name == "leakage":
         metrics = {f"leakage/{k}": v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
     else:

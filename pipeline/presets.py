@@ -20,6 +20,8 @@ and ``tiny`` (CI tests).
     robust_linear                                     Goh's certified linear model [5.1]
     leakage                  <- robust_linear, d_rand, d_det   (measure) robust feature leakage [5.1]
     goh_features                                      (measure) useful non-robust linear features [5.2]
+    gaussian_noise                                    the standard config trained with Gaussian noise [5.4]
+    frequency                <- standard, adversarial_l2, gaussian_noise   (measure) Fourier noise, fog [5.4]
     wallace_labeller, wallace_errors <- wallace_labeller   a model trained on another's errors only [5.3]
     mnist_cnn, wallace_fashion(_moments) <- mnist_cnn  MNIST labels on Fashion-MNIST, tested on MNIST [5.3]
     fresh_<arch>, d_det_<arch>  <- standard           Figure 3's other architectures (paper: ResNet-18, VGG-16)
@@ -49,7 +51,10 @@ NORMS = ("l2", "linf")
 SQUARES_TESTS = (*TEST, Test("test_1epoch", checkpoint="after_1_epoch.ckpt"))
 
 
-def debate(configs: str, *, ensemble: int, transfer_examples: int,
+FREQUENCY_MODELS = ("standard", "adversarial_l2", "gaussian_noise")  # Gilmer & Hendrycks' three models [5.4]
+
+
+def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_examples: int,
            nakkiran: tuple[str, Sequence[str]] | None = None, constructed: Sequence[str] = (),
            helpers: Sequence[str] = (), figure3_archs: Sequence[tuple[str, Sequence[str]]] = ()) -> list[Stage]:
     """The whole debate over the configs in ``configs``: every train stage stacks ``<configs>/base.yaml`` (what
@@ -58,6 +63,7 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int,
     Args:
         ensemble: number of extra standard models (seeds 1..k) of Nakkiran's ensemble.
         transfer_examples: size of the seeded subset of the real test set the measure stages attack.
+        frequency_examples: test images under each Fourier-basis noise (514 frequencies per model).
         nakkiran: ``(name, args)``: Nakkiran's target, ensemble and fresh model are the standard config plus
             ``args`` (e.g. another architecture), in stages of their own (``standard_<name>``, ``fresh_<name>``);
             None: they are the standard model, seeds 1..k and ``fresh``.
@@ -120,6 +126,11 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int,
         train("robust_linear", "robust_linear"),
         measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_rand", "{dir:d_rand}",
                       "--d_det", "{dir:d_det}", "--examples", "10000", deps=["robust_linear", "d_rand", "d_det"]),
+        # Gilmer & Hendrycks [5.4]: a noise-trained model beside the standard and the adversarial one, under
+        # Fourier-basis noise and CIFAR-10-C's low-frequency corruptions.
+        train("gaussian_noise", "gaussian_noise"),
+        measure_stage("frequency", "frequency", "--model", *(f"{m}={{ckpt:{m}}}" for m in FREQUENCY_MODELS),
+                      "--examples", str(frequency_examples), deps=list(FREQUENCY_MODELS)),
         # Goh [5.2]: useful non-robust linear features of truck vs frog (the whole two-class test set held out).
         measure_stage("goh_features", "goh_features", "--examples", "2000"),
         # Wallace [5.3]: a fresh model taught by a labeller's errors alone; an MNIST model's labels on Fashion-MNIST.
@@ -143,7 +154,7 @@ def wallace_mnist(configs: str, on: Callable[..., list[str]], *args: str, base: 
 
 
 # The mini graph's arguments; quick() is the same graph's headline stages at smaller sizes.
-MINI = {"ensemble": 3, "transfer_examples": 500,
+MINI = {"ensemble": 3, "transfer_examples": 500, "frequency_examples": 200,
         "nakkiran": ("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
         "figure3_archs": [("nowhiten", ["--model.init_args.arch_kwargs", "{whiten: false}"])],
         "constructed": ["--data.init_args.cache_dir", "{out}/constructed"],
@@ -185,7 +196,7 @@ def paper() -> list[Stage]:
     """The papers' recipes: configs/cifar10 (Ilyas: ResNet-50; Nakkiran: ResNet-18 target, 10 ResNet-18 ensemble
     members, a fresh ResNet-18). Pass the hardware through, e.g. ``--trainer.accelerator gpu --trainer.devices 8
     --trainer.strategy ddp``."""
-    return debate("configs/cifar10", ensemble=10, transfer_examples=1000,
+    return debate("configs/cifar10", ensemble=10, transfer_examples=1000, frequency_examples=1000,
                   nakkiran=("resnet18", ["--model.init_args.arch", "resnet18"]),
                   figure3_archs=[(a, ["--model.init_args.arch", a]) for a in ("resnet18", "vgg16")])
 
@@ -218,6 +229,10 @@ def tiny() -> list[Stage]:
         train("robust_linear", "robust_linear", "--model.init_args.arch_kwargs", "{}"),  # not the overlay's widths
         measure_stage("leakage", "leakage", "--features", "{ckpt:robust_linear}", "--d_det", "{dir:d_det}",
                       "--examples", "100", deps=["robust_linear", "d_det"]),
+        train("gaussian_noise", "gaussian_noise"),
+        measure_stage("frequency", "frequency", "--model", "standard={ckpt:standard}",
+                      "gaussian_noise={ckpt:gaussian_noise}", "--examples", "20", "--corruption_examples", "500",
+                      deps=["standard", "gaussian_noise"]),
         measure_stage("goh_features", "goh_features", "--examples", "200"),
         # Wallace [5.3]: the standard model labels (the mini labeller is the same config stopped early), and the
         # MNIST pair without the rescaled variant (a recipe option, tests/test_wallace.py).
@@ -243,7 +258,8 @@ REHEARSAL_EXPERIMENT = {  # by the experiment's config name; every other train s
 }
 REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "20", "--steps", "2"),
                                                     "figure3": ("--examples", "20"), "leakage": ("--examples", "100"),
-                                                    "goh_features": ("--examples", "200")}
+                                                    "goh_features": ("--examples", "200"),
+                                                    "frequency": ("--examples", "4", "--corruption_examples", "20")}
 
 
 def rehearsal(stages: Sequence[Stage]) -> list[Stage]:

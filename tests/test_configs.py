@@ -36,7 +36,7 @@ def stage_config(preset_name: str, stage: str, step: str = "fit") -> dict:
 
 
 def test_every_experiment_has_a_one_line_command_that_writes_to_runs_scale_experiment():
-    assert len(EXPERIMENTS) == 37, EXPERIMENTS
+    assert len(EXPERIMENTS) == 39, EXPERIMENTS
     for scale, experiment in EXPERIMENTS:
         config = one_line(scale, experiment)
         run_dir = f"runs/{scale}/{experiment}"
