@@ -259,7 +259,7 @@ def section_54() -> list[Row]:
     rows = []
     for model, name in names.items():
         for key, what in (("fog", "fog (severity 5)"), ("contrast", "contrast (severity 5)"),
-                          ("low_band", "Fourier noise, low frequencies (max |u|,|v| <= 4)"),
+                          ("low_band", "Fourier noise, low frequencies (max(abs u, abs v) <= 4)"),
                           ("high_band", "Fourier noise, high frequencies (>= 12)")):
             check = None
             if model == "adversarial_l2" and key in lower:
