@@ -99,6 +99,9 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
         # Per norm, plain PGD differentiates the target, the non-transferable attack the target and the members.
         passes = 2 * examples * last("--steps", 10) * PASSES_PER_STEP * (1 + 1 + members)
         return {"measure": float(passes * network_flops)}
+    if args[0] == "frequency":  # forward passes only: every test image under each of the 514 Fourier images
+        models = args.index("--examples") - args.index("--model") - 1 if "--examples" in args else 1
+        return {"measure": float(examples * 514 * models * network_flops)}
     return {"measure": float(examples * attack_steps * PASSES_PER_STEP * network_flops)}
 
 
@@ -126,7 +129,8 @@ def reproduction_flops(stages: Sequence, out: Path, extra_args: Sequence[str] = 
             datasets.add(data)
             continue
         args = steps["measure"][3:]  # after python -m pipeline.measure
-        attacked = stage.deps[0]  # transfer: the target; figure3: the D_det source (the standard model)
+        # transfer: the target; figure3: the D_det source (the standard model); goh_features: none (linear algebra)
+        attacked = stage.deps[0] if stage.deps else None
         network = forward_flops(fits[attacked]["model"]["init_args"]) if attacked in fits else 0
         d_det = ((fits.get("d_det") or {}).get("data", {}).get("init_args", {}).get("recipe") or {})
         costs[stage.name] = measure_stage_flops(args, network, int(d_det.get("init_args", {}).get("steps", 10)))
