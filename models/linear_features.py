@@ -60,12 +60,16 @@ def robust_usefulness(a: torch.Tensor, x_centred: torch.Tensor, y: torch.Tensor,
     return usefulness(a, x_centred, y, basis) - eps / robustness(a, basis)
 
 
+def ensemble_members(basis: PixelBasis, useful: torch.Tensor, eps: float, rank: int) -> torch.Tensor:
+    """Which basis vectors the ensemble sums (bool ``[D]``): those among the ``rank`` most robust that are *not*
+    robust at ``eps`` (``useful - eps / robustness <= 0``, ``useful``: their usefulness on the training images)."""
+    return (torch.arange(len(useful)) < rank) & (useful - eps / basis.robustness <= 0)
+
+
 def ensemble_feature(basis: PixelBasis, useful: torch.Tensor, eps: float, rank: int) -> torch.Tensor:
-    """Goh's construction 1: the sum of the basis vectors among the ``rank`` most robust that are *not* robust at
-    ``eps`` (``useful - eps / robustness <= 0``, from ``useful``: their usefulness on the training images), each
-    signed by its usefulness. A useful feature made only of non-robust directions."""
-    keep = torch.arange(len(useful)) < rank
-    keep &= useful - eps / basis.robustness <= 0
+    """Goh's construction 1: the sum of the :func:`ensemble_members`, each signed by its usefulness. A useful
+    feature made only of non-robust directions."""
+    keep = ensemble_members(basis, useful, eps, rank)
     return (torch.sign(useful) * keep.double() * basis.vectors).sum(1)
 
 

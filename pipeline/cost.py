@@ -99,9 +99,12 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
         # Per norm, plain PGD differentiates the target, the non-transferable attack the target and the members.
         passes = 2 * examples * last("--steps", 10) * PASSES_PER_STEP * (1 + 1 + members)
         return {"measure": float(passes * network_flops)}
-    if args[0] == "frequency":  # forward passes only: every test image under each of the 514 Fourier images
-        models = args.index("--examples") - args.index("--model") - 1 if "--examples" in args else 1
-        return {"measure": float(examples * 514 * models * network_flops)}
+    if args[0] == "frequency":  # forward passes only: every test image under each Fourier image, per model
+        from attacks.fourier import frequencies
+
+        after = args[args.index("--model") + 1:]
+        models = next((i for i, a in enumerate(after) if a.startswith("--")), len(after))
+        return {"measure": float(examples * len(frequencies(32)) * models * network_flops)}
     return {"measure": float(examples * attack_steps * PASSES_PER_STEP * network_flops)}
 
 

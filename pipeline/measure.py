@@ -33,9 +33,15 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def seeded_subset(total: int, examples: int, seed: int):
+    """``examples`` of ``range(total)`` drawn with ``seed``, in index order: every measure's test subset."""
+    import torch
+
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:examples].sort().values
+
+
 def cifar_test_subset(examples: int, seed: int, data_dir: str | None = None):
     """``examples`` real CIFAR-10 test images (float in [0, 1]) and labels, drawn with ``seed``, in index order."""
-    import torch
 
     from common.tensors import as_float_images
     from datamodules import CIFAR10DataModule
@@ -43,7 +49,7 @@ def cifar_test_subset(examples: int, seed: int, data_dir: str | None = None):
     dm = CIFAR10DataModule(data_dir=data_dir)
     dm.setup("test")
     x, y = dm.test
-    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:examples].sort().values
+    keep = seeded_subset(len(y), examples, seed)
     return as_float_images(x[keep]), y[keep]
 
 
@@ -238,6 +244,7 @@ def goh_features(*, classes: Sequence[str] = ("truck", "frog"), eps: float = 1.0
     from models.linear_features import (
         containment_feature,
         ensemble_feature,
+        ensemble_members,
         pixel_basis,
         robust_usefulness,
         robustness,
@@ -256,7 +263,7 @@ def goh_features(*, classes: Sequence[str] = ("truck", "frog"), eps: float = 1.0
 
     x, y = two_classes(train_x, train_y)
     held_x, held_y = two_classes(test_x, test_y)
-    pick = torch.randperm(len(held_y), generator=torch.Generator().manual_seed(seed))[:examples].sort().values
+    pick = seeded_subset(len(held_y), examples, seed)
     held_x, held_y = held_x[pick], held_y[pick]
     basis = pixel_basis(x)
     x, held_x = basis.centre(x), basis.centre(held_x)
@@ -283,7 +290,7 @@ def goh_features(*, classes: Sequence[str] = ("truck", "frog"), eps: float = 1.0
         "basis": {"robustness": basis.robustness[:plotted].tolist(), "usefulness": useful_held[:plotted].tolist(),
                   "robust_vectors": int((useful_held - eps / basis.robustness > 0).sum()),
                   "useful_vectors": int((useful_held > 0).sum())},
-        "ensemble": {**scores(ensemble), "directions": int((robust_train[:rank] <= 0).sum())},
+        "ensemble": {**scores(ensemble), "directions": int(ensemble_members(basis, useful_train, eps, rank).sum())},
         "containment": {**scores(containment), "robust_part": {"index": best, **scores(robust_part)}},
     }
 
@@ -305,7 +312,7 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
     from common.tensors import as_float_images
     from datamodules import CIFAR10CDataModule
 
-    models = dict(pair.split("=", 1) for pair in model)
+    models = dict(pair.split("=", 1) for pair in model if "=" in pair)
     if len(models) != len(model) or not all(models.values()):
         raise ConfigError(f"frequency: --model takes NAME=CHECKPOINT pairs with distinct names, got {list(model)}")
     device = _device()
@@ -316,8 +323,8 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
         dm.setup("test")
         cx, cy = dm.test
         if corruption_examples is not None:
-            keep = torch.randperm(len(cy), generator=torch.Generator().manual_seed(seed))[:corruption_examples]
-            cx, cy = cx[keep.sort().values], cy[keep.sort().values]
+            keep = seeded_subset(len(cy), corruption_examples, seed)
+            cx, cy = cx[keep], cy[keep]
         corrupted[corruption] = (cx, cy, "CIFAR-10-C files" if dm.has_files(corruption) else "generated")
 
     def accuracy(net, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -313,7 +313,7 @@ class RelabelByPrediction(Recipe):
         """
         if moments_of not in (None, *PIXEL_MOMENTS):
             raise ConfigError(f"unknown moments_of {moments_of!r}; choose one of {[None, *PIXEL_MOMENTS]}")
-        self.only_wrong, self.moments_of = only_wrong, moments_of
+        self.moments_of = moments_of
         self.keep = "wrong" if only_wrong else None
         self._config = {"only_wrong": only_wrong, **({"moments_of": moments_of} if moments_of else {})}
         self._pool_moments: tuple[tuple, tuple[float, float]] | None = None
