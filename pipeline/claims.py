@@ -301,6 +301,51 @@ def section_53() -> list[Row]:
     ]
 
 
+R55 = "5.5 The authors' rebuttal and Nakano: layer robustness R(f), representation inversion from noise"
+REPRESENTATION = "representation"  # attacks/representation.py: the name of the last layer
+
+
+def layer_r(model: str, layer: str) -> Getter:
+    def get(r: Results) -> float | None:
+        layers = r.measured("layer_robustness", "models", model, "layers") or {}
+        return next((v["R"] for name, v in layers.items() if name.split()[0] == layer), None)
+    return get
+
+
+def inverted(model: str, key: str) -> Getter:
+    return lambda r: r.measured("inversion", "models", model, key)
+
+
+def section_55() -> list[Row]:
+    """The rebuttal's R(f) (worst-case change of a layer's output in an L2 ball over the distance between images;
+    the radius is the suite's choice, SPEC 5.5) of the first layer and of the representation; inversion from noise
+    (pixel correlation of the result with the goal image). The sources publish figures, not numbers."""
+    names = {"standard": "standard", "adversarial_l2": "adversarially trained (L2 0.5)"}
+    rows = []
+    for layer, what in (("layer1", "first layer"), (REPRESENTATION, "representation")):
+        for model, name in names.items():
+            check = None
+            if model == "adversarial_l2" and layer == REPRESENTATION:
+                check = claim("the robust model's representation is more stable: its R(f) below the standard's",
+                              lambda a, s: a < s, layer_r(model, layer), layer_r("standard", layer))
+            rows.append(Row(f"layer_robustness.{model}.{layer}", R55, f"{name}: R(f) of the {what}",
+                            "lower for the robust model" if layer == REPRESENTATION else "—", layer_r(model, layer),
+                            check, percent=False))
+    for model, name in names.items():
+        check = None
+        if model == "adversarial_l2":
+            check = claim("robust inversions look like their images: pixel correlation above the standard model's",
+                          lambda a, s: a > s, inverted(model, "pixel_correlation"),
+                          inverted("standard", "pixel_correlation"))
+        rows += [Row(f"inversion.{model}.pixel_correlation", R55,
+                     f"{name}: inversion from noise, pixel correlation with the goal image",
+                     "recognisable (robust) / noise-like (standard)", inverted(model, "pixel_correlation"), check,
+                     percent=False),
+                 Row(f"inversion.{model}.own_label_rate", R55, f"{name}: ... classified as the goal's label by "
+                     "the model itself", "—", inverted(model, "own_label_rate"))]
+    return rows
+
+
 def section_41() -> list[Row]:
     rows = [Row("transfer.clean_fresh_target_rate", S41,
                 "fresh model predicts t = y+1 on clean images (chance level)", "—",
@@ -395,6 +440,7 @@ ROWS: list[Row] = [
     *section_52(),
     *section_53(),
     *section_54(),
+    *section_55(),
 ]
 
 

@@ -99,12 +99,18 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
         # Per norm, plain PGD differentiates the target, the non-transferable attack the target and the members.
         passes = 2 * examples * last("--steps", 10) * PASSES_PER_STEP * (1 + 1 + members)
         return {"measure": float(passes * network_flops)}
+    after = args[args.index("--model") + 1:] if "--model" in args else []
+    models = next((i for i, a in enumerate(after) if a.startswith("--")), len(after))  # NAME=CKPT values
     if args[0] == "frequency":  # forward passes only: every test image under each Fourier image, per model
         from attacks.fourier import frequencies
 
-        after = args[args.index("--model") + 1:]
-        models = next((i for i, a in enumerate(after) if a.startswith("--")), len(after))
         return {"measure": float(examples * len(frequencies(32)) * models * network_flops)}
+    if args[0] == "layer_robustness":  # a PGD per layer; counted as whole networks (an upper bound)
+        passes = examples * (last("--layers", 4) + 1) * last("--steps", 20) * PASSES_PER_STEP * models
+        return {"measure": float(passes * network_flops)}
+    if args[0] == "inversion":
+        return {"measure": float(last("--examples", 50) * last("--steps", 1000) * PASSES_PER_STEP * models
+                                 * network_flops)}
     return {"measure": float(examples * attack_steps * PASSES_PER_STEP * network_flops)}
 
 

@@ -3,12 +3,11 @@ whose stages have not run is skipped (its function returns None)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 from common.figures import pyplot, save_figure
+from common.files import write_bytes_atomic
 from pipeline.claims import PAPER_FIGURE3, Results, paper_percent
 
 # Ilyas Figure 2's training sets (stage: label); the paper's clean and L2 0.25 accuracies come from the claims
@@ -139,17 +138,70 @@ def fourier_heat_maps(results: Results, path: Path) -> Path | None:
     return save(fig, path)
 
 
+def layer_robustness(results: Results, path: Path) -> Path | None:
+    """The rebuttal's layer robustness: R(f) layer by layer, one line per model (lower: more robust)."""
+    measured = results.measured("layer_robustness", "models")
+    if not measured:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, model in measured.items():
+        layers = list(model["layers"])
+        ax.plot(range(len(layers)), [model["layers"][k]["R"] for k in layers], marker="o", label=name)
+    ax.set_xticks(range(len(layers)), [k.replace(" (", "\n(") for k in layers], fontsize=7)
+    eps = results.measured("layer_robustness", "eps")
+    ax.set(ylabel=f"R(f) at L2 eps {eps:g}", ylim=(0, None),
+           title="Layer robustness: worst-case change in the ball / distance between images")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return save(fig, path)
+
+
+def inversion_grid(goal, labels, inverted: Mapping[str, object], path: Path, per_class: int = 1) -> Path:
+    """Representation inversion from noise: a column per class (its first ``per_class`` goal images), the goal
+    images in the first row and each model's inversions below."""
+    from common.datasets import CIFAR10_CLASSES
+
+    columns = [i for c in range(len(CIFAR10_CLASSES)) for i in (labels == c).nonzero().flatten()[:per_class].tolist()]
+    rows = {"goal image": goal, **inverted}
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.1 * len(columns), 1.2 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c, i in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(CIFAR10_CLASSES[int(labels[i])], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.suptitle("Representation inversion from uniform noise", fontsize=9)
+    return save(fig, path)
+
+
+def copy_measured_figure(results: Results, stage: str, path: Path) -> Path | None:
+    """The figure a measure stage drew itself (its ``figure`` result), copied to ``path``."""
+    source = results.measured(stage, "figure")
+    if not source or not Path(source).is_file():
+        return None
+    return copy_atomic(Path(source), path)
+
+
+def copy_atomic(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(target, source.read_bytes())
+    return target
+
+
 def collect_grids(records: Mapping[str, dict | None], folder: Path) -> dict[str, Path]:
     """Copy the example grid of every constructed dataset a stage trained on to ``folder/examples_<stage>.png``."""
     copied = {}
     for name, record in records.items():
         grid = ((record or {}).get("artifacts") or {}).get("examples_grid")
         if grid and Path(grid).is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"examples_{name}.png"
-            shutil.copyfile(grid, target.with_name(target.stem + ".tmp.png"))
-            os.replace(target.with_name(target.stem + ".tmp.png"), target)
-            copied[name] = target
+            copied[name] = copy_atomic(Path(grid), folder / f"examples_{name}.png")
     return copied
 
 
@@ -160,6 +212,8 @@ def write_figures(records: Mapping[str, dict | None], folder: Path) -> dict[str,
             "accuracy_vs_eps": accuracy_vs_eps(records, folder / "accuracy_vs_eps.png"),
             "figure3": figure3(results, folder / "figure3_transfer.png"),
             "goh_features": goh_features(results, folder / "goh_features.png"),
-            "fourier_heat_maps": fourier_heat_maps(results, folder / "fourier_heat_maps.png")}
+            "fourier_heat_maps": fourier_heat_maps(results, folder / "fourier_heat_maps.png"),
+            "layer_robustness": layer_robustness(results, folder / "layer_robustness.png"),
+            "inversion_from_noise": copy_measured_figure(results, "inversion", folder / "inversion_from_noise.png")}
     made.update({f"examples_{k}": v for k, v in collect_grids(records, folder).items()})
     return {k: v for k, v in made.items() if v is not None}

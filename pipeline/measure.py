@@ -6,6 +6,8 @@
     python -m pipeline.measure leakage --out DIR --features robust_linear.ckpt --d_rand runs/.../d_rand ...
     python -m pipeline.measure goh_features --out DIR [--classes truck frog --eps 1 --rank 100 --alpha 0.25]
     python -m pipeline.measure frequency --out DIR --model standard=S.ckpt adversarial_l2=A.ckpt ...
+    python -m pipeline.measure layer_robustness --out DIR --model standard=S.ckpt adversarial_l2=A.ckpt [--eps 0.5]
+    python -m pipeline.measure inversion --out DIR --model standard=S.ckpt adversarial_l2=A.ckpt [--examples 50]
 
 Each writes ``DIR/measure.json`` (atomically) and sends its numbers (Figure 3: also its plot) to the loggers
 (``--logger_config``; default CSV + TensorBoard under DIR). Both attack a fixed, seeded subset of the real
@@ -51,6 +53,14 @@ def cifar_test_subset(examples: int, seed: int, data_dir: str | None = None):
     x, y = dm.test
     keep = seeded_subset(len(y), examples, seed)
     return as_float_images(x[keep]), y[keep]
+
+
+def named_models(pairs: Sequence[str], measure: str) -> dict[str, str]:
+    """``--model NAME=CKPT ...`` as {name: checkpoint}; anything else is refused."""
+    models = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    if len(models) != len(pairs) or not all(models.values()):
+        raise ConfigError(f"{measure}: --model takes NAME=CHECKPOINT pairs with distinct names, got {list(pairs)}")
+    return models
 
 
 def _model(path: str):
@@ -312,9 +322,7 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
     from common.tensors import as_float_images
     from datamodules import CIFAR10CDataModule
 
-    models = dict(pair.split("=", 1) for pair in model if "=" in pair)
-    if len(models) != len(model) or not all(models.values()):
-        raise ConfigError(f"frequency: --model takes NAME=CHECKPOINT pairs with distinct names, got {list(model)}")
+    models = named_models(model, "frequency")
     device = _device()
     x, y = (t.to(device) for t in cifar_test_subset(examples, seed, data_dir))
     corrupted = {}
@@ -351,6 +359,68 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
     return results
 
 
+def layer_robustness(*, model: Sequence[str], eps: float = 0.5, steps: int = 20, layers: int = 4,
+                     examples: int = 1000, seed: int = 0, batch_size: int = 250, data_dir: str | None = None) -> dict:
+    """The rebuttal's layer robustness (SPEC 5.5): per model (``NAME=CKPT``), R(f) of its first ``layers`` layers
+    and of its representation at L2 radius ``eps`` (the suite's choice: the sources give none; 0.5 is the
+    adversarially trained model's radius), the worst case found by a ``steps``-step PGD ascending the distance
+    (step 2.5 eps / steps), on a seeded subset of the real test set."""
+    import torch
+
+    from attacks.representation import layer_robustness as measure_layers
+
+    device = _device()
+    x, _ = cifar_test_subset(examples, seed, data_dir)
+    results = {"examples": examples, "seed": seed, "eps": eps, "steps": steps, "models": {}}
+    for name, path in named_models(model, "layer_robustness").items():
+        start = time.monotonic()
+        net = _model(path).eval()
+        per_layer = measure_layers(net, x.to(device), count=layers, eps=eps, steps=steps,
+                                   step_size=2.5 * eps / steps, generator=torch.Generator().manual_seed(seed),
+                                   batch_size=batch_size)
+        results["models"][name] = {"checkpoint": path, "layers": per_layer,
+                                   "seconds": round(time.monotonic() - start, 1)}
+    return results
+
+
+def inversion(*, model: Sequence[str], steps: int = 1000, step_size: float = 0.1, examples: int = 50,
+              seed: int = 0, batch_size: int = 250, data_dir: str | None = None, out: Path | None = None) -> dict:
+    """Representation inversion from noise (Nakano's question, SPEC 5.5): per model (``NAME=CKPT``), images that
+    start as uniform noise (the suite's choice) and descend towards the representation of real test images (D_R's
+    procedure: ``steps`` L2-normalised steps of ``step_size``). Measured: the pixel correlation of each result with
+    its goal image (a robust model's inversions should look like them), the representation distance reached, and
+    how often the model itself classifies the result as the goal's label. ``out``: where the figure goes."""
+    import torch
+
+    from attacks.representation import invert, pixel_correlation
+
+    device = _device()
+    x, y = (t.to(device) for t in cifar_test_subset(examples, seed, data_dir))
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    results = {"examples": examples, "seed": seed, "steps": steps, "step_size": step_size, "start": "uniform noise",
+               "noise_correlation": pixel_correlation(noise, x).mean().item(), "models": {}}
+    inverted = {}
+    for name, path in named_models(model, "inversion").items():
+        start = time.monotonic()
+        net = _model(path).eval()
+        parts = [invert(net, x[i:i + batch_size], noise[i:i + batch_size], steps=steps, step_size=step_size)
+                 for i in range(0, len(x), batch_size)]
+        z = torch.cat([p[0] for p in parts])
+        distance = torch.cat([p[1]["representation_distance"] for p in parts])
+        with torch.no_grad():
+            own = torch.cat([net(z[i:i + batch_size]).argmax(1) for i in range(0, len(z), batch_size)])
+        inverted[name] = z.cpu()
+        results["models"][name] = {
+            "checkpoint": path, "pixel_correlation": pixel_correlation(z, x).mean().item(),
+            "representation_distance": distance.mean().item(), "own_label_rate": (own == y).float().mean().item(),
+            "seconds": round(time.monotonic() - start, 1)}
+    if out is not None:
+        from pipeline.figures import inversion_grid
+
+        results["figure"] = str(inversion_grid(x.cpu(), y.cpu(), inverted, Path(out) / "inversion_from_noise.png"))
+    return results
+
+
 def figure3_scalars(results: dict) -> dict[str, float]:
     """``figure3/<stage>/{accuracy,transfer}`` for every point that has both."""
     return {f"figure3/{p['stage']}/{k}": float(p[k]) for p in results["points"] for k in ("accuracy", "transfer")
@@ -358,7 +428,8 @@ def figure3_scalars(results: dict) -> dict[str, float]:
 
 
 MEASURES = {"transfer": transfer, "figure3": figure3, "leakage": leakage, "goh_features": goh_features,
-            "frequency": frequency}
+            "frequency": frequency, "layer_robustness": layer_robustness, "inversion": inversion}
+WRITES_FIGURE = ("inversion",)  # measures that draw their figure themselves, from tensors kept out of measure.json
 
 
 def parser() -> argparse.ArgumentParser:
@@ -373,6 +444,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--data_dir", default=None, help="CIFAR-10 folder (default: $BOF_DATA_DIR, else ./data)")
     common.add_argument("--logger_config", nargs="+", default=[], action="extend", metavar="YAML",
                         help="configs whose trainer.logger list the results go to (default: CSV + TensorBoard)")
+    models = argparse.ArgumentParser(add_help=False)  # the measures of several named models
+    models.add_argument("--model", nargs="+", required=True, metavar="NAME=CKPT", help="the models to measure")
     t = sub.add_parser("transfer", parents=[common], help=transfer.__doc__.splitlines()[0])
     t.add_argument("--target", required=True, help="checkpoint of the attacked model f")
     t.add_argument("--ensemble", nargs="+", required=True, help="checkpoints of the ensemble kept on the true label")
@@ -396,20 +469,27 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--eps", type=float, default=1.0, help="L2 radius of the adversary (Goh: 1)")
     h.add_argument("--rank", type=int, default=100, help="the ensemble sums non-robust vectors among this many")
     h.add_argument("--alpha", type=float, default=0.25, help="containment: the robust direction's share")
-    q = sub.add_parser("frequency", parents=[common], help=frequency.__doc__.splitlines()[0])
-    q.add_argument("--model", nargs="+", required=True, metavar="NAME=CKPT", help="the models to measure")
+    q = sub.add_parser("frequency", parents=[common, models], help=frequency.__doc__.splitlines()[0])
     q.add_argument("--norm", type=float, default=4.0, help="L2 norm of the Fourier-basis noise (Yin et al.: 4)")
     q.add_argument("--severity", type=int, default=5, help="CIFAR-10-C severity of fog and contrast (1..5)")
     q.add_argument("--cifar10c", default=None, help="folder of the CIFAR-10-C .npy files (default: generate)")
     q.add_argument("--corruption_examples", type=int, default=None, help="a seeded subset of the corrupted test set")
+    r = sub.add_parser("layer_robustness", parents=[common, models], help=layer_robustness.__doc__.splitlines()[0])
+    r.add_argument("--eps", type=float, default=0.5, help="L2 radius of the ball (the suite's choice)")
+    r.add_argument("--steps", type=int, default=20, help="PGD steps of the worst case")
+    r.add_argument("--layers", type=int, default=4, help="how many first layers (besides the representation)")
+    v = sub.add_parser("inversion", parents=[common, models], help=inversion.__doc__.splitlines()[0])
+    v.add_argument("--steps", type=int, default=1000, help="inversion steps (D_R's)")
+    v.add_argument("--step_size", type=float, default=0.1, help="L2 length of each step (D_R's)")
+    v.set_defaults(examples=50)  # goal images (the suite's choice; a figure shows one per class)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = vars(parser().parse_args(argv))
     name, out, logger_configs = args.pop("measure"), Path(args.pop("out")), args.pop("logger_config")
-    results = MEASURES[name](**args)
     out.mkdir(parents=True, exist_ok=True)
+    results = MEASURES[name](**args, **({"out": out} if name in WRITES_FIGURE else {}))
     write_json_atomic(out / "measure.json", results)
     print(json.dumps(results, indent=1, default=float))
     log(name, out, args, results, logger_configs)
@@ -422,6 +502,7 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
     from pipeline.figures import figure3 as figure3_plot
     from pipeline.figures import fourier_heat_maps as frequency_plot
     from pipeline.figures import goh_features as goh_plot
+    from pipeline.figures import layer_robustness as layer_plot
     from pipeline.measure_loggers import log_measurement, scalars
 
     figures = {}
@@ -439,6 +520,15 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
                    for k in ("clean_acc", "low_band_acc", "high_band_acc", "fog_acc", "contrast_acc")}
         png = frequency_plot(Results({"frequency": {"results": results}}), out / "fourier_heat_maps.png")
         figures = {"frequency/fourier_heat_maps": png} if png else {}
+    elif name == "layer_robustness":
+        metrics = {f"layer_robustness/{m}/{layer.split()[0]}": v["R"] for m, record in results["models"].items()
+                   for layer, v in record["layers"].items()}
+        png = layer_plot(Results({"layer_robustness": {"results": results}}), out / "layer_robustness.png")
+        figures = {"layer_robustness/R_by_layer": png} if png else {}
+    elif name == "inversion":
+        metrics = {f"inversion/{m}/{k}": v[k] for m, v in results["models"].items()
+                   for k in ("pixel_correlation", "representation_distance", "own_label_rate")}
+        figures = {"inversion/from_noise": Path(results["figure"])} if results.get("figure") else {}
     elif name == "leakage":
         metrics = {f"leakage/{k}": v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
     else:

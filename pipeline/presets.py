@@ -22,6 +22,8 @@ and ``tiny`` (CI tests).
     goh_features                                      (measure) useful non-robust linear features [5.2]
     gaussian_noise                                    the standard config trained with Gaussian noise [5.4]
     frequency                <- standard, adversarial_l2, gaussian_noise   (measure) Fourier noise, fog [5.4]
+    layer_robustness         <- standard, adversarial_l2, fresh_<arch>   (measure) R(f) layer by layer [5.5]
+    inversion                <- standard, adversarial_l2   (measure) representation inversion from noise [5.5]
     wallace_labeller, wallace_errors <- wallace_labeller   a model trained on another's errors only [5.3]
     mnist_cnn, wallace_fashion(_moments) <- mnist_cnn  MNIST labels on Fashion-MNIST, tested on MNIST [5.3]
     fresh_<arch>, d_det_<arch>  <- standard           Figure 3's other architectures (paper: ResNet-18, VGG-16)
@@ -93,6 +95,7 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_exa
     figure3_models = [stage for name, args in figure3_archs for stage in (
         *([] if name == family else [train(f"fresh_{name}", "standard", *args, *helpers, "--seed_everything", "100")]),
         train(f"d_det_{name}", "d_det", *on("standard"), *args, deps=["standard"]))]
+    other_standard = [f"fresh_{name}" for name, _ in figure3_archs]  # standard models of other architectures
     return [
         train("standard", "standard"),
         train("adversarial_l2", "adversarial_l2"),
@@ -131,6 +134,13 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_exa
         train("gaussian_noise", "gaussian_noise"),
         measure_stage("frequency", "frequency", "--model", *(f"{m}={{ckpt:{m}}}" for m in FREQUENCY_MODELS),
                       "--examples", str(frequency_examples), deps=list(FREQUENCY_MODELS)),
+        # The rebuttal and Nakano [5.5]: R(f) layer by layer for the standard model, the other standard
+        # architectures and the robust one; inversion from noise for the standard and the robust model.
+        measure_stage("layer_robustness", "layer_robustness", "--model",
+                      *(f"{m}={{ckpt:{m}}}" for m in ("standard", "adversarial_l2", *other_standard)),
+                      "--examples", str(transfer_examples), deps=["standard", "adversarial_l2", *other_standard]),
+        measure_stage("inversion", "inversion", "--model", "standard={ckpt:standard}",
+                      "adversarial_l2={ckpt:adversarial_l2}", deps=["standard", "adversarial_l2"]),
         # Goh [5.2]: useful non-robust linear features of truck vs frog (the whole two-class test set held out).
         measure_stage("goh_features", "goh_features", "--examples", "2000"),
         # Wallace [5.3]: a fresh model taught by a labeller's errors alone; an MNIST model's labels on Fashion-MNIST.
@@ -233,6 +243,9 @@ def tiny() -> list[Stage]:
         measure_stage("frequency", "frequency", "--model", "standard={ckpt:standard}",
                       "gaussian_noise={ckpt:gaussian_noise}", "--examples", "20", "--corruption_examples", "500",
                       deps=["standard", "gaussian_noise"]),
+        *(measure_stage(name, name, "--model", "standard={ckpt:standard}", "gaussian_noise={ckpt:gaussian_noise}",
+                        "--examples", examples, "--steps", "2", deps=["standard", "gaussian_noise"])
+          for name, examples in (("layer_robustness", "20"), ("inversion", "10"))),
         measure_stage("goh_features", "goh_features", "--examples", "200"),
         # Wallace [5.3]: the standard model labels (the mini labeller is the same config stopped early), and the
         # MNIST pair without the rescaled variant (a recipe option, tests/test_wallace.py).
@@ -259,7 +272,9 @@ REHEARSAL_EXPERIMENT = {  # by the experiment's config name; every other train s
 REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "20", "--steps", "2"),
                                                     "figure3": ("--examples", "20"), "leakage": ("--examples", "100"),
                                                     "goh_features": ("--examples", "200"),
-                                                    "frequency": ("--examples", "4", "--corruption_examples", "20")}
+                                                    "frequency": ("--examples", "4", "--corruption_examples", "20"),
+                                                    "layer_robustness": ("--examples", "20", "--steps", "2"),
+                                                    "inversion": ("--examples", "10", "--steps", "2")}
 
 
 def rehearsal(stages: Sequence[Stage]) -> list[Stage]:

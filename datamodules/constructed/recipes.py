@@ -22,7 +22,6 @@ statistic in ``keep`` and the training set is the examples where it is nonzero (
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 from attacks import check_attack_args, pgd
 from attacks.ensemble import make_ensemble, nakkiran_loss
 from attacks.pgd import LossFn
+from attacks.representation import invert
 from common.datasets import MNIST_MEAN, MNIST_STD
 from common.errors import ConfigError
 from common.tensors import as_float_images
@@ -272,24 +272,10 @@ class RepresentationInversion(Recipe):
         device = batch.x.device
         start = as_float_images(batch.pool[other_positions(batch.positions, batch.generators, len(batch.pool))])
         start = start.to(device)
-        with torch.no_grad(), autocast(batch, device):
-            goal = model.features(batch.x).float()
-        # Normalising by ||g(x)|| (as the authors' code does) leaves normalised steps unchanged and makes the
-        # reported distance comparable between models.
-        scale = goal.norm(dim=1).clamp_min(1e-12)
-
-        def relative_distance(m: nn.Module, z: Tensor, target: Tensor) -> Tensor:
-            return (m.features(z).float() - target).norm(dim=1) / scale
-
-        z = pgd(model, start, goal, norm="l2", eps=math.inf, step_size=self.step_size, steps=self.steps,
-                targeted=True, random_start=False, use_best=self.use_best, loss_fn=relative_distance,
-                autocast_dtype=batch.autocast_dtype, channels_last=batch.channels_last)
-        with torch.no_grad(), autocast(batch, device):
-            stats = {
-                "representation_distance": relative_distance(model, z, goal),
-                "start_distance": relative_distance(model, start, goal),
-                "perturbation_l2": l2_distance(z, batch.x),  # how far the result is from the original image
-            }
+        z, stats = invert(model, batch.x, start, steps=self.steps, step_size=self.step_size, use_best=self.use_best,
+                          autocast_dtype=batch.autocast_dtype, channels_last=batch.channels_last)
+        with torch.no_grad():
+            stats["perturbation_l2"] = l2_distance(z, batch.x)  # how far the result is from the original image
         return RecipeOutput(z, batch.y.clone(), stats)
 
 
