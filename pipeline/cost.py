@@ -99,8 +99,13 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
         # Per norm, plain PGD differentiates the target, the non-transferable attack the target and the members.
         passes = 2 * examples * last("--steps", 10) * PASSES_PER_STEP * (1 + 1 + members)
         return {"measure": float(passes * network_flops)}
-    after = args[args.index("--model") + 1:] if "--model" in args else []
-    models = next((i for i, a in enumerate(after) if a.startswith("--")), len(after))  # NAME=CKPT values
+    def count_after(flag: str, default: int) -> int:  # the values of a multi-valued option
+        if flag not in args:
+            return default
+        after = args[args.index(flag) + 1:]
+        return next((i for i, a in enumerate(after) if a.startswith("--")), len(after))
+
+    models = count_after("--model", 0)  # NAME=CKPT values
     if args[0] == "frequency":  # forward passes only: every test image under each Fourier image, per model
         from attacks.fourier import frequencies
 
@@ -108,6 +113,11 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
     if args[0] == "layer_robustness":  # a PGD per layer; counted as whole networks (an upper bound)
         passes = examples * (last("--layers", 4) + 1) * last("--steps", 20) * PASSES_PER_STEP * models
         return {"measure": float(passes * network_flops)}
+    if args[0] == "autoattack":  # an upper bound: every image through every attack of AutoAttack standard
+        radii = count_after("--eps", 2)
+        gradient_steps = 100 + 9 * 100 + 9 * 100  # APGD-CE, APGD-T and FAB-T over 9 target classes
+        per_image = gradient_steps * PASSES_PER_STEP + 5000  # + Square's 5,000 queries (forward only)
+        return {"measure": float(examples * radii * models * per_image * network_flops)}
     if args[0] == "inversion":
         return {"measure": float(last("--examples", 50) * last("--steps", 1000) * PASSES_PER_STEP * models
                                  * network_flops)}

@@ -7,6 +7,7 @@
     python -m pipeline.measure goh_features --out DIR [--classes truck frog --eps 1 --rank 100 --alpha 0.25]
     python -m pipeline.measure frequency --out DIR --model standard=S.ckpt adversarial_l2=A.ckpt ...
     python -m pipeline.measure layer_robustness --out DIR --model standard=S.ckpt adversarial_l2=A.ckpt [--eps 0.5]
+    python -m pipeline.measure autoattack --out DIR --model d_robust=R.ckpt ... [--eps 0.25 0.5]
     python -m pipeline.measure inversion --out DIR --model standard=S.ckpt adversarial_l2=A.ckpt [--examples 50]
 
 Each writes ``DIR/measure.json`` (atomically) and sends its numbers (Figure 3: also its plot) to the loggers
@@ -421,6 +422,46 @@ def inversion(*, model: Sequence[str], steps: int = 1000, step_size: float = 0.1
     return results
 
 
+# The suite's test-sweep PGD (lightning_modules.RobustAccuracy): steps of 2.5 eps / steps, no random start.
+SWEEP_STEPS = 20
+
+
+def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), version: str = "standard",
+               examples: int = 1000, seed: int = 0, batch_size: int = 250, data_dir: str | None = None) -> dict:
+    """D_R under a stronger attack (SPEC 5.6: models trained on D_R were reported largely non-robust under
+    AutoAttack): per model (``NAME=CKPT``), accuracy at each L2 ``eps`` under torchattacks' re-implementation of
+    AutoAttack (``version`` standard: APGD-CE, APGD-T, FAB-T, Square) and, on the same seeded subset of the real
+    test set, under the suite's 20-step PGD of the test sweep."""
+    import torchattacks
+
+    from attacks import predict, robust_accuracy
+
+    if version not in ("standard", "plus", "rand"):
+        raise ConfigError(f"autoattack: --version must be standard, plus or rand (torchattacks), got {version!r}")
+    device = _device()
+    x, y = (t.to(device) for t in cifar_test_subset(examples, seed, data_dir))
+    results = {"examples": examples, "seed": seed, "eps": list(eps), "norm": "l2", "pgd_steps": SWEEP_STEPS,
+               "attack": f"AutoAttack ({version}), torchattacks {torchattacks.__version__} re-implementation",
+               "models": {}}
+    for name, path in named_models(model, "autoattack").items():
+        start = time.monotonic()
+        net = _model(path).eval()
+        right = predict(net, x, batch_size=batch_size) == y
+        pgd = robust_accuracy(net, x, y, [("l2", e) for e in eps], steps=SWEEP_STEPS, batch_size=batch_size,
+                              seed=seed)
+        record = {"checkpoint": path, "clean_acc": right.float().mean().item(), "eps": {}}
+        for e, pgd_acc in zip(eps, pgd.values(), strict=True):
+            attack = torchattacks.AutoAttack(net, norm="L2", eps=e, version=version, n_classes=10, seed=seed)
+            robust = right.clone()
+            attacked = right.nonzero().flatten()  # a wrong clean prediction is wrong under every attack
+            for part in attacked.split(batch_size):
+                robust[part] = predict(net, attack(x[part], y[part]), batch_size=batch_size) == y[part]
+            record["eps"][f"{e:g}"] = {"autoattack_acc": robust.float().mean().item(), "pgd_acc": pgd_acc}
+        record["seconds"] = round(time.monotonic() - start, 1)
+        results["models"][name] = record
+    return results
+
+
 def figure3_scalars(results: dict) -> dict[str, float]:
     """``figure3/<stage>/{accuracy,transfer}`` for every point that has both."""
     return {f"figure3/{p['stage']}/{k}": float(p[k]) for p in results["points"] for k in ("accuracy", "transfer")
@@ -428,7 +469,8 @@ def figure3_scalars(results: dict) -> dict[str, float]:
 
 
 MEASURES = {"transfer": transfer, "figure3": figure3, "leakage": leakage, "goh_features": goh_features,
-            "frequency": frequency, "layer_robustness": layer_robustness, "inversion": inversion}
+            "frequency": frequency, "layer_robustness": layer_robustness, "inversion": inversion,
+            "autoattack": autoattack}
 WRITES_FIGURE = ("inversion",)  # measures that draw their figure themselves, from tensors kept out of measure.json
 
 
@@ -482,6 +524,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, default=1000, help="inversion steps (D_R's)")
     v.add_argument("--step_size", type=float, default=0.1, help="L2 length of each step (D_R's)")
     v.set_defaults(examples=50)  # goal images (the suite's choice; a figure shows one per class)
+    a = sub.add_parser("autoattack", parents=[common, models], help=autoattack.__doc__.splitlines()[0])
+    a.add_argument("--eps", type=float, nargs="+", default=[0.25, 0.5], help="L2 radii")
+    a.add_argument("--version", default="standard", help="torchattacks AutoAttack version: standard, plus, rand")
     return p
 
 
@@ -529,11 +574,14 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
         metrics = {f"inversion/{m}/{k}": v[k] for m, v in results["models"].items()
                    for k in ("pixel_correlation", "representation_distance", "own_label_rate")}
         figures = {"inversion/from_noise": Path(results["figure"])} if results.get("figure") else {}
+    elif name == "autoattack":
+        metrics = {f"autoattack/{m}/{k}_l2_{e}": v[f"{k}_acc"] for m, record in results["models"].items()
+                   for e, v in record["eps"].items() for k in ("autoattack", "pgd")}
     elif name == "leakage":
         metrics = {f"leakage/{k}": v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
     else:
         metrics = scalars({k: v for k, v in results.items() if k in NAKKIRAN_ATTACKS}, name)
-    params = {k: " ".join(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}
+    params = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in args.items() if v is not None}
     log_measurement(out, name, metrics, params, figures, logger_configs)
 
 

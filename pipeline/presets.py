@@ -24,6 +24,7 @@ and ``tiny`` (CI tests).
     frequency                <- standard, adversarial_l2, gaussian_noise   (measure) Fourier noise, fog [5.4]
     layer_robustness         <- standard, adversarial_l2, fresh_<arch>   (measure) R(f) layer by layer [5.5]
     inversion                <- standard, adversarial_l2   (measure) representation inversion from noise [5.5]
+    autoattack               <- standard, adversarial_l2, d_robust, d_nonrobust   (measure) AutoAttack vs PGD [5.6]
     wallace_labeller, wallace_errors <- wallace_labeller   a model trained on another's errors only [5.3]
     mnist_cnn, wallace_fashion(_moments) <- mnist_cnn  MNIST labels on Fashion-MNIST, tested on MNIST [5.3]
     fresh_<arch>, d_det_<arch>  <- standard           Figure 3's other architectures (paper: ResNet-18, VGG-16)
@@ -54,9 +55,10 @@ SQUARES_TESTS = (*TEST, Test("test_1epoch", checkpoint="after_1_epoch.ckpt"))
 
 
 FREQUENCY_MODELS = ("standard", "adversarial_l2", "gaussian_noise")  # Gilmer & Hendrycks' three models [5.4]
+AUTOATTACK_MODELS = ("standard", "adversarial_l2", "d_robust", "d_nonrobust")  # is D_R's robustness real? [5.6]
 
 
-def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_examples: int,
+def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_examples: int, autoattack_examples: int,
            nakkiran: tuple[str, Sequence[str]] | None = None, constructed: Sequence[str] = (),
            helpers: Sequence[str] = (), figure3_archs: Sequence[tuple[str, Sequence[str]]] = ()) -> list[Stage]:
     """The whole debate over the configs in ``configs``: every train stage stacks ``<configs>/base.yaml`` (what
@@ -66,6 +68,7 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_exa
         ensemble: number of extra standard models (seeds 1..k) of Nakkiran's ensemble.
         transfer_examples: size of the seeded subset of the real test set the measure stages attack.
         frequency_examples: test images under each Fourier-basis noise (514 frequencies per model).
+        autoattack_examples: test images under AutoAttack (the costliest attack of the graph) and the same PGD.
         nakkiran: ``(name, args)``: Nakkiran's target, ensemble and fresh model are the standard config plus
             ``args`` (e.g. another architecture), in stages of their own (``standard_<name>``, ``fresh_<name>``);
             None: they are the standard model, seeds 1..k and ``fresh``.
@@ -134,6 +137,9 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_exa
         train("gaussian_noise", "gaussian_noise"),
         measure_stage("frequency", "frequency", "--model", *(f"{m}={{ckpt:{m}}}" for m in FREQUENCY_MODELS),
                       "--examples", str(frequency_examples), deps=list(FREQUENCY_MODELS)),
+        # D_R under a stronger attack [5.6]: torchattacks' AutoAttack beside the test sweep's PGD.
+        measure_stage("autoattack", "autoattack", "--model", *(f"{m}={{ckpt:{m}}}" for m in AUTOATTACK_MODELS),
+                      "--examples", str(autoattack_examples), deps=list(AUTOATTACK_MODELS)),
         # The rebuttal and Nakano [5.5]: R(f) layer by layer for the standard model, the other standard
         # architectures and the robust one; inversion from noise for the standard and the robust model.
         measure_stage("layer_robustness", "layer_robustness", "--model",
@@ -164,7 +170,7 @@ def wallace_mnist(configs: str, on: Callable[..., list[str]], *args: str, base: 
 
 
 # The mini graph's arguments; quick() is the same graph's headline stages at smaller sizes.
-MINI = {"ensemble": 3, "transfer_examples": 500, "frequency_examples": 200,
+MINI = {"ensemble": 3, "transfer_examples": 500, "frequency_examples": 200, "autoattack_examples": 100,
         "nakkiran": ("nowhiten", ["--config", "configs/mini/nakkiran_model.yaml"]),
         "figure3_archs": [("nowhiten", ["--model.init_args.arch_kwargs", "{whiten: false}"])],
         "constructed": ["--data.init_args.cache_dir", "{out}/constructed"],
@@ -207,6 +213,7 @@ def paper() -> list[Stage]:
     members, a fresh ResNet-18). Pass the hardware through, e.g. ``--trainer.accelerator gpu --trainer.devices 8
     --trainer.strategy ddp``."""
     return debate("configs/cifar10", ensemble=10, transfer_examples=1000, frequency_examples=1000,
+                  autoattack_examples=1000,
                   nakkiran=("resnet18", ["--model.init_args.arch", "resnet18"]),
                   figure3_archs=[(a, ["--model.init_args.arch", a]) for a in ("resnet18", "vgg16")])
 
@@ -246,6 +253,8 @@ def tiny() -> list[Stage]:
         *(measure_stage(name, name, "--model", "standard={ckpt:standard}", "gaussian_noise={ckpt:gaussian_noise}",
                         "--examples", examples, "--steps", "2", deps=["standard", "gaussian_noise"])
           for name, examples in (("layer_robustness", "20"), ("inversion", "10"))),
+        measure_stage("autoattack", "autoattack", "--model", "standard={ckpt:standard}",
+                      "gaussian_noise={ckpt:gaussian_noise}", "--examples", "5", deps=["standard", "gaussian_noise"]),
         measure_stage("goh_features", "goh_features", "--examples", "200"),
         # Wallace [5.3]: the standard model labels (the mini labeller is the same config stopped early), and the
         # MNIST pair without the rescaled variant (a recipe option, tests/test_wallace.py).
@@ -274,7 +283,8 @@ REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "
                                                     "goh_features": ("--examples", "200"),
                                                     "frequency": ("--examples", "4", "--corruption_examples", "20"),
                                                     "layer_robustness": ("--examples", "20", "--steps", "2"),
-                                                    "inversion": ("--examples", "10", "--steps", "2")}
+                                                    "inversion": ("--examples", "10", "--steps", "2"),
+                                                    "autoattack": ("--examples", "10")}
 
 
 def rehearsal(stages: Sequence[Stage]) -> list[Stage]:

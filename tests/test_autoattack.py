@@ -1,0 +1,69 @@
+"""The AutoAttack measure (issue "Fidelity": is D_R's robustness real?): torchattacks' AutoAttack beside the suite's
+PGD, checked on a linear model of real CIFAR-10, whose exact L2 worst case is known in closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.errors import ConfigError
+from datamodules.cifar10 import load_cifar10
+from models import build_model
+from models.linear import certified, fit_linear, pixel_weight
+from models.networks import Classifier
+from pipeline.measure import autoattack, cifar_test_subset
+
+
+def linear_checkpoint(path, data_dir) -> Classifier:
+    """A linear classifier fitted on 1,000 real training images, saved as ClassifierModule saves one."""
+    x, y, _, _ = load_cifar10(data_dir)
+    x, y = x[:1000].float().div(255).flatten(1), y[:1000].long()
+    fitted = fit_linear(x, y, steps=200)
+    standardize, linear = fitted[0], fitted[1]
+    hp = {"arch": "linear", "num_classes": 10, "in_channels": 3, "mean": [0.0] * 3, "std": [1.0] * 3, "arch_kwargs": {}}
+    model = build_model("linear", mean=hp["mean"], std=hp["std"])
+    with torch.no_grad():  # fold the standardisation into the head
+        model.head.weight.copy_(linear.weight / standardize.std)
+        model.head.bias.copy_(linear.bias - model.head.weight @ standardize.mean)
+    torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return model
+
+
+def test_autoattack_reaches_a_linear_models_exact_worst_case_and_pgd_does_not_beat_it(tmp_path, data_dir):
+    model = linear_checkpoint(tmp_path / "linear.ckpt", data_dir)
+    results = autoattack(model=[f"linear={tmp_path / 'linear.ckpt'}"], eps=(0.25,), examples=60, data_dir=data_dir)
+    x, y = cifar_test_subset(60, 0, data_dir)
+    with torch.no_grad():
+        logits = model(x)
+    exact = certified(logits, y, pixel_weight(model), 0.25).float().mean().item()
+    measured = results["models"]["linear"]
+    assert measured["clean_acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert measured["clean_acc"] > exact + 0.05  # the attack has something to do
+    point = measured["eps"]["0.25"]
+    # No attack can go below the exact robust accuracy (the [0, 1] box only helps the model); AutoAttack reaches it.
+    assert exact <= point["autoattack_acc"] <= exact + 1 / 60 + 1e-9
+    assert point["autoattack_acc"] <= point["pgd_acc"] + 1e-9
+    assert "torchattacks" in results["attack"]
+
+
+def test_an_unknown_version_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="standard, plus or rand"):
+        autoattack(model=["a=b"], version="fast")
+
+
+def test_the_report_says_whether_d_rs_robustness_survives_autoattack():
+    from pipeline import claims
+
+    def record(d_r_aa: float, d_r_pgd: float, standard_aa: float) -> dict:
+        models = {"d_robust": {"eps": {"0.25": {"autoattack_acc": d_r_aa, "pgd_acc": d_r_pgd}}},
+                  "standard": {"eps": {"0.25": {"autoattack_acc": standard_aa, "pgd_acc": 0.05}}}}
+        return {"autoattack": {"results": {"models": models}}}
+
+    def verdict(records: dict) -> bool | None:
+        rows = claims.evaluate(records, claims.section_autoattack())
+        return next(r["holds"] for r in rows if r["id"] == "autoattack.d_robust.autoattack_l2_0.25")
+
+    assert verdict(record(0.30, 0.40, 0.01)) is True
+    assert verdict(record(0.15, 0.40, 0.01)) is False  # below half of PGD's: the robustness was the attack's weakness
+    assert verdict(record(0.01, 0.01, 0.02)) is False
+    assert verdict({}) is None
