@@ -31,8 +31,8 @@ def figure2(results: Results, path: Path) -> Path | None:
     bars = [(stage, label, figure2_paper(stage), results.metric(stage, "test/acc"), results.sweep(stage, "l2", 0.25))
             for stage, label in FIGURE2.items()]
     bars = [b for b in bars if b[3] is not None]
-    if not bars:
-        return None
+    if not any(stage in ("d_robust", "d_nonrobust") for stage, *_ in bars):
+        return None  # the figure is about D_R / D_NR: without them (quick preset) it would only repeat the table
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.3 * len(bars) + 2, 3.6))
     for i, (_, _, paper, acc, rob) in enumerate(bars):

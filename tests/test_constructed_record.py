@@ -27,12 +27,14 @@ def ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("source") / "source.ckpt")
 
 
-def fit(ckpt: Path, cache: Path, run_dir: Path) -> Synthetic:
+def fit(ckpt: Path, cache: Path, run_dir: Path, precision: str = "32-true", **data) -> Synthetic:
     """One optimizer step of a tiny network on a constructed set of 64 images, in a real Trainer."""
     dm = Synthetic([str(ckpt)], RelabelByAttack("shift", steps=2), cache_dir=str(cache), shard_size=16,
-                   generation_batch_size=8, generation_seed=3, progress_bar=False, batch_size=32, augment=False)
+                   generation_batch_size=8, generation_seed=3, progress_bar=False, batch_size=32, augment=False,
+                   **data)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=run_dir)
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=run_dir,
+                         precision=precision)
     trainer.fit(ClassifierModule(**TINY), dm)
     return dm
 
@@ -74,6 +76,20 @@ def test_a_fit_records_its_constructed_set_and_the_pipeline_reads_only_that_reco
     assert again["origin"] == "from the cache" and again["key"] == record["key"]
     assert outputs.constructed_grid(tmp_path / "again") == record["grid"]
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["constructed.json"]  # no log to parse
+
+
+def test_generation_follows_the_trainer_precision_unless_pinned(ckpt, tmp_path):
+    """One --trainer.precision sets a whole run's numerics: generation_precision defaults to the trainer's."""
+    fit(ckpt, tmp_path / "cache", tmp_path / "fp32")
+    fp32 = outputs.constructed_record(tmp_path / "fp32")
+    fit(ckpt, tmp_path / "cache", tmp_path / "bf16", precision="bf16-mixed")
+    bf16 = outputs.constructed_record(tmp_path / "bf16")
+    fit(ckpt, tmp_path / "cache", tmp_path / "pinned", precision="bf16-mixed", generation_precision="32-true")
+    pinned = outputs.constructed_record(tmp_path / "pinned")
+    assert fp32["generation"]["precision"] == "32-true" and bf16["generation"]["precision"] == "bf16-mixed"
+    assert bf16["key"] != fp32["key"] and bf16["origin"] == f"{N} generated now"
+    assert pinned["generation"]["precision"] == "32-true" and pinned["key"] == fp32["key"]
+    assert pinned["origin"] == "from the cache"
 
 
 def test_no_record_without_a_run_and_none_read_where_there_is_none(ckpt, tmp_path, monkeypatch):

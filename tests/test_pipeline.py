@@ -381,8 +381,9 @@ def test_report_writes_markdown_json_and_figures(tmp_path):
                                                            "--data.init_args.sources",
                                                            '["{ckpt:adversarial_l2}"]'], "seed": 0}
     assert {"python", "torch", "pytorch-lightning"} <= set(summary["report_versions"])
-    for name in ("figure2", "accuracy_vs_eps", "figure3", "examples_d_det"):
+    for name in ("accuracy_vs_eps", "figure3", "examples_d_det"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "figure2" not in written  # Figure 2 is about D_R / D_NR: with neither trained it is not drawn
     assert not list(out.rglob("*.tmp*"))  # every file was renamed into place
 
 
@@ -609,3 +610,12 @@ def test_machine_slices_split_threads_and_gpus_disjointly():
     assert gpus == ["0,1", "2,3", "4,5", "6,7"]
     with pytest.raises(PipelineError, match="--jobs 10 needs at least 10 GPUs .* this host has 8"):
         machine_slices(10, cpu_threads=32, gpus=8)
+
+
+def test_figure2_is_drawn_only_when_a_robust_or_non_robust_dataset_was_trained_on(tmp_path):
+    from pipeline.figures import write_figures
+
+    trained = {"standard": record({"test": scores(0.87, 0.01)}), "d_det": record({"test": scores(0.44, 0.0)})}
+    assert "figure2" not in write_figures(trained, tmp_path / "without")
+    drawn = write_figures({**trained, "d_robust": record({"test": scores(0.52, 0.29)})}, tmp_path / "with")
+    assert drawn["figure2"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from common.errors import ConfigError
 from common.figures import log_figure, pyplot, save_figure
 from common.files import write_json_atomic
 from common.tensors import as_float_images, world_info
-from datamodules.constructed.engine import ConstructedSet, GenerationJob, GenerationSpec, construct
+from datamodules.constructed.engine import TRAINER, ConstructedSet, GenerationJob, GenerationSpec, construct
 from datamodules.constructed.recipes import Recipe
 from datamodules.real import REAL_DATASETS, CIFAR10DataModule, load_real
 from models import ARCHITECTURES, load_source
@@ -36,7 +36,7 @@ class ConstructedDataModule(CIFAR10DataModule):
         recipe: Recipe,
         *,
         cache_dir: str = "runs/constructed",
-        generation_precision: str = "32-true",
+        generation_precision: str = TRAINER,
         generation_batch_size: int = 250,
         generation_seed: int = 0,
         generation_channels_last: bool = False,
@@ -59,9 +59,11 @@ class ConstructedDataModule(CIFAR10DataModule):
                 (D_R, D_NR) or ``datamodules.RelabelByPrediction`` (Wallace's relabelled errors).
             cache_dir: where generated datasets are stored, one folder per key (float32 images: 614 MB for
                 the 50,000 CIFAR-10 training images). Under DDP it must be shared by all ranks.
-            generation_precision: numerics of generation: ``32-true``, ``bf16-mixed``, ``16-mixed`` or ``auto``
-                (bf16-mixed where the generating device computes bf16 natively, else 32-true; the resolved value
-                is what the cache key and the manifest hold). Autocast of the forward; the iterate stays fp32.
+            generation_precision: numerics of generation: ``trainer`` (the default: the trainer's precision, so
+                ``--trainer.precision`` sets both; 32-true without a trainer), ``32-true``, ``bf16-mixed``,
+                ``16-mixed`` or ``auto`` (bf16-mixed where the generating device computes bf16 natively, else
+                32-true). The resolved value is what the cache key and the manifest hold. Autocast of the
+                forward; the iterate stays fp32.
                 A pinned bf16 is much slower than fp32 on CPUs without native bf16 (a warning says so).
             generation_batch_size: images per generation batch (part of the cache key).
             generation_seed: seed of the per-example randomness (random targets, start images).
@@ -138,7 +140,8 @@ class ConstructedDataModule(CIFAR10DataModule):
         x, y = self.train
         sources = [load_source(p, arch=self.source_arch, num_classes=self.num_classes, in_channels=x.shape[1])
                    for p in self.sources]
-        job = GenerationJob(x, y, self.train_indices, sources, self.recipe, self.generation,
+        spec = self.generation.following(self.trainer.precision if self.trainer is not None else None)
+        job = GenerationJob(x, y, self.train_indices, sources, self.recipe, spec,
                             num_classes=self.num_classes, device=self._device(), progress=self.progress_bar)
         return construct(job, self.cache_dir)
 
@@ -193,7 +196,7 @@ class ConstructedDataModule(CIFAR10DataModule):
             "keep": self.recipe.keep,  # the statistic that selects the training set (None: every example)
             "trained_examples": len(self.train[1]),
             "origin": self.origin(),
-            "generation": {"precision": self.generation.precision, "batch_size": self.generation.batch_size,
+            "generation": {"precision": manifest["numerics"]["precision"], "batch_size": self.generation.batch_size,
                            "seed": self.generation.seed, "channels_last": self.generation.channels_last,
                            "intra_op_threads": manifest["numerics"].get("intra_op_threads")},
             "seconds": manifest["generation_seconds"],

@@ -40,6 +40,7 @@ from datamodules.constructed.recipes import Batch, Recipe, RecipeOutput
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
 from models import Source
 
+TRAINER = "trainer"  # generation_precision that follows the trainer's (resolved) precision
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 SPACE_MARGIN = 1.05, 64 << 20  # free space asked for beyond the estimate: 5% plus 64 MiB (logs, other writers)
 
@@ -104,14 +105,25 @@ class GenerationSpec:
     shard_size: int = 1000  # examples per shard, the unit of resuming and of the split over ranks
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS and self.precision != AUTO:
+        if self.precision not in PRECISIONS and self.precision not in (AUTO, TRAINER):
             raise ConfigError(f"unknown generation_precision {self.precision!r}; choose one of "
-                              f"{sorted([*PRECISIONS, AUTO])}; fix data.init_args.generation_precision")
+                              f"{sorted([*PRECISIONS, AUTO, TRAINER])}; fix data.init_args.generation_precision")
         for name, value, low in (("generation_batch_size", self.batch_size, 1), ("shard_size", self.shard_size, 1),
                                  ("generation_seed", self.seed, None)):
             if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
                 kind = f"an int >= {low}" if low is not None else "an int"
                 raise ConfigError(f"{name} must be {kind}, got {value!r}; fix data.init_args.{name}")
+
+    def following(self, trainer_precision: str | None) -> GenerationSpec:
+        """This spec with ``trainer`` replaced by the trainer's precision (``32-true`` without a trainer), so that
+        one ``--trainer.precision`` sets the numerics of a whole run, generation included."""
+        if self.precision != TRAINER:
+            return self
+        precision = str(trainer_precision) if trainer_precision is not None else "32-true"
+        if precision not in PRECISIONS and precision != AUTO:
+            raise ConfigError(f"generation_precision trainer: the trainer's precision {precision!r} is not one "
+                              f"generation can use ({sorted(PRECISIONS)}); set data.init_args.generation_precision")
+        return dataclasses.replace(self, precision=precision)
 
     def resolved(self, device: torch.device) -> GenerationSpec:
         """This spec with ``auto`` replaced by the precision it means on ``device`` (common/numerics.py): what
@@ -121,8 +133,9 @@ class GenerationSpec:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        if self.precision == AUTO:
-            raise ValueError("resolve generation_precision auto first (GenerationSpec.resolved)")
+        if self.precision in (AUTO, TRAINER):
+            raise ValueError(f"resolve generation_precision {self.precision} first (GenerationSpec.following, "
+                             ".resolved)")
         return PRECISIONS[self.precision]
 
 
