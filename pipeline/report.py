@@ -23,7 +23,11 @@ def load_records(out: Path, stages: Sequence[Stage]) -> dict[str, dict | None]:
 def fmt(value: float | None, percent: bool = True) -> str:
     if value is None:
         return "not run"
-    return f"{100 * value:.1f}%" if percent else f"{value:.3g}"
+    if percent:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"  # counts (e.g. 16,130 relabelled images), not 1.61e+04
+    return f"{value:.3g}"
 
 
 def verdict(row: dict) -> str:

@@ -619,3 +619,10 @@ def test_figure2_is_drawn_only_when_a_robust_or_non_robust_dataset_was_trained_o
     assert "figure2" not in write_figures(trained, tmp_path / "without")
     drawn = write_figures({**trained, "d_robust": record({"test": scores(0.52, 0.29)})}, tmp_path / "with")
     assert drawn["figure2"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_numbers_show_counts_whole_and_fractions_as_percent():
+    from pipeline.report import fmt
+
+    assert (fmt(16130, percent=False), fmt(0.5853), fmt(0.000413, percent=False), fmt(None)) == (
+        "16,130", "58.5%", "0.000413", "not run")
