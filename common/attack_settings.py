@@ -5,6 +5,10 @@ measurements attack with them, the report prints them): one table, no heavy impo
 NAKKIRAN_STEPS = 10
 NAKKIRAN_ATTACKS = {"l2": {"eps": 2.5, "step_size": 0.5}, "linf": {"eps": 8 / 255, "step_size": 2 / 255}}
 
+# The suite's test-sweep PGD (RobustAccuracy's default test_steps; the mini configs keep it, the paper's set 100):
+# steps of 2.5 eps / steps, no random start. The AutoAttack stage runs it beside AutoAttack at every preset.
+SWEEP_STEPS = 20
+
 
 def eps_text(norm: str, eps: float) -> str:
     """``2.5`` for L2, ``8/255`` for Linf (in 1/255 units when that is a whole number)."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from attacks import eval_mode, point_key, robust_accuracy
 from common import progress
+from common.attack_settings import SWEEP_STEPS
 from common.errors import ConfigError
 from common.figures import log_figure, pyplot, save_figure
 from common.files import write_bytes_atomic
@@ -58,7 +59,7 @@ class RobustAccuracy(pl.Callback):
     def __init__(self, val_points: Sequence = ("l2:0.25",), test_points: Sequence = (
                      "l2:0", "l2:0.25", "l2:0.5", "l2:1.0", "linf:0", "linf:2/255", "linf:4/255", "linf:8/255"),
                  every_n_epochs: int = 1, val_examples: int = 500, test_examples: int | None = None,
-                 val_steps: int = 10, test_steps: int = 20, batch_size: int = 250, seed: int = 0,
+                 val_steps: int = 10, test_steps: int = SWEEP_STEPS, batch_size: int = 250, seed: int = 0,
                  autoattack_points: Sequence = (), autoattack_examples: int = 1000) -> None:
         """
         Args:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from common.attack_settings import NAKKIRAN_ATTACKS, eps_text
+from common.attack_settings import NAKKIRAN_ATTACKS, SWEEP_STEPS, eps_text
 
 CHANCE = 0.10  # CIFAR-10
 
@@ -246,14 +246,22 @@ def frequency(model: str, key: str) -> Getter:
     return lambda r: r.measured("frequency", "models", model, key)
 
 
+# How the measure sections name the models they compare, in the order given.
+MODEL_NAMES = {"standard": "standard", "adversarial_l2": "adversarially trained (L2 0.5)",
+               "gaussian_noise": "Gaussian-noise trained", "d_robust": "D_R", "d_nonrobust": "D_NR"}
+
+
+def model_names(*stages: str) -> dict[str, str]:
+    return {stage: MODEL_NAMES[stage] for stage in stages}
+
+
 def section_54() -> list[Row]:
     """Per model, accuracy under CIFAR-10-C fog and contrast (severity 5) and under Fourier-basis noise (L2 norm 4)
     averaged over a low and a high band of frequencies (pipeline/measure.py). Published: fog 85.7% -> 55.3% with
     adversarial training (Gilmer & Hendrycks), RobustBench fog 5: standard 74.4%, Linf-robust ResNet-50 38.8%."""
     paper = {("standard", "fog"): "85.7% (RobustBench s5: 74.4%)",
              ("adversarial_l2", "fog"): "55.3% (RobustBench s5, Linf: 38.8%)"}
-    names = {"standard": "standard", "adversarial_l2": "adversarially trained (L2 0.5)",
-             "gaussian_noise": "Gaussian-noise trained"}
+    names = model_names("standard", "adversarial_l2", "gaussian_noise")
     lower = {"fog": "adversarial training lowers fog accuracy: below the standard model's",
              "low_band": "adversarial training lowers low-frequency accuracy: below the standard model's"}
     rows = []
@@ -312,8 +320,7 @@ def section_autoattack() -> list[Row]:
     """Accuracy at L2 0.25 and 0.5 under AutoAttack and under the test sweep's 20-step PGD, on one seeded subset of
     the test set (SPEC 5.6: Li et al. report models trained on D_R largely non-robust under AutoAttack). The claim
     says what the suite finds; its threshold (half of PGD's accuracy, and above the standard model's) is ours."""
-    names = {"standard": "standard", "adversarial_l2": "adversarially trained (L2 0.5)", "d_robust": "D_R",
-             "d_nonrobust": "D_NR"}
+    names = model_names("standard", "adversarial_l2", "d_robust", "d_nonrobust")
     paper = {("d_robust", "pgd"): "~48%", ("adversarial_l2", "pgd"): "~82.3%", ("standard", "pgd"): "~4.5%",
              ("d_nonrobust", "pgd"): "~0%",
              ("d_robust", "autoattack"): "largely non-robust (Li et al.; one report 15.55%)"}
@@ -324,7 +331,7 @@ def section_autoattack() -> list[Row]:
     rows = []
     for model, name in names.items():
         for eps in (0.25, 0.5):
-            for attack, what in (("pgd", "PGD (20 steps)"), ("autoattack", "AutoAttack")):
+            for attack, what in (("pgd", f"PGD ({SWEEP_STEPS} steps)"), ("autoattack", "AutoAttack")):
                 published = paper.get((model, attack), "—") if eps == 0.25 else "—"  # the papers give L2 0.25
                 check = survives if (model, attack, eps) == ("d_robust", "autoattack", 0.25) else None
                 rows.append(Row(f"autoattack.{model}.{attack}_l2_{eps:g}", AA56, f"{name}: accuracy at L2 {eps:g}, "
@@ -351,7 +358,7 @@ def section_55() -> list[Row]:
     """The rebuttal's R(f) (worst-case change of a layer's output in an L2 ball over the distance between images;
     the radius is the suite's choice, SPEC 5.5) of the first layer and of the representation; inversion from noise
     (pixel correlation of the result with the goal image). The sources publish figures, not numbers."""
-    names = {"standard": "standard", "adversarial_l2": "adversarially trained (L2 0.5)"}
+    names = model_names("standard", "adversarial_l2")
     rows = []
     for layer, what in (("layer1", "first layer"), (REPRESENTATION, "representation")):
         for model, name in names.items():

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from common.attack_settings import SWEEP_STEPS
 from pipeline.stages import option_value
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -117,8 +118,6 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
         # A floor, as every figure here: APGD-CE's 100 steps and the PGD baseline on every image. APGD-T, FAB-T
         # and Square (up to 1,800 more steps and 5,000 queries an image) see only the images still standing, which
         # depends on the model (none for a non-robust one); counting them all made the ETA hours too long.
-        from pipeline.measure import SWEEP_STEPS
-
         radii = count_after("--eps", 2)
         gradient_steps = 100 + SWEEP_STEPS
         return {"measure": float(examples * radii * models * gradient_steps * PASSES_PER_STEP * network_flops)}

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.attack_settings import NAKKIRAN_ATTACKS, NAKKIRAN_STEPS
+from common.attack_settings import NAKKIRAN_ATTACKS, NAKKIRAN_STEPS, SWEEP_STEPS
 from common.errors import ConfigError
 from common.files import read_json, write_json_atomic
 from pipeline.runner import STAGE_JSON
@@ -420,10 +420,6 @@ def inversion(*, model: Sequence[str], steps: int = 1000, step_size: float = 0.1
 
         results["figure"] = str(inversion_grid(x.cpu(), y.cpu(), inverted, Path(out) / "inversion_from_noise.png"))
     return results
-
-
-# The suite's test-sweep PGD (lightning_modules.RobustAccuracy): steps of 2.5 eps / steps, no random start.
-SWEEP_STEPS = 20
 
 
 def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), version: str = "standard",
