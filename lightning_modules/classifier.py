@@ -54,7 +54,8 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         """
         Args:
-            arch: network: ``resnet18``, ``resnet50``, ``vgg16`` or ``fast_cnn`` (see ``models.py``).
+            arch: network: ``resnet18``, ``resnet50``, ``vgg16``, ``fast_cnn``, ``simple_cnn`` or ``linear`` (see
+                ``models/networks.py``).
             num_classes: number of output classes; must equal the datamodule's ``num_classes``.
             in_channels: image channels (3 for CIFAR-10, 1 for MNIST); must match the data's. Both are checked
                 against the data when the trainer sets the module up (:meth:`check_data`).

@@ -46,6 +46,20 @@ def certified(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: 
     return logits.gather(1, y[:, None])[:, 0] > worst.max(dim=1).values
 
 
+def margin_direction(weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per label ``t``, the pixel direction ``w_t - mean_{k != t} w_k`` ``[N, D]``: a perturbation ``delta`` raises
+    ``t``'s logit above the others' mean by exactly ``direction . delta``."""
+    others = (weight.sum(0, keepdim=True) - weight) / (len(weight) - 1)
+    return (weight - others)[labels]
+
+
+def label_alignment(delta: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cosine ``[N]`` between each perturbation ``delta`` ``[N, ...]`` and its label's ``margin_direction``: 1 when
+    the perturbation is all robust feature of its label, about ``+-1/sqrt(D)`` when it is blind to them."""
+    direction = margin_direction(weight, labels)
+    return F.cosine_similarity(delta.flatten(1).to(direction), direction, dim=1)
+
+
 def fit_linear(features: torch.Tensor, labels: torch.Tensor, classes: int = 10, *, steps: int = 500,
                lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0) -> nn.Module:
     """A linear classifier on fixed ``features`` ``[N, D]``: the features standardised with their own mean and

@@ -210,6 +210,12 @@ def section_51() -> list[Row]:
             Row(row_id(det), G51, f"{who}D_det through the robust features: test acc (true labels)", "6.81%",
                 leaked(det), claim(f"{who}D_det barely leaks: <= 15% (near chance)", lambda d: d <= 0.15,
                                    leaked(det)))]
+    # Why a set leaks or not: how far its perturbations point along the robust direction of their label (1: all
+    # robust feature; a direction blind to the 10 features: about +-1/sqrt(3072) = +-0.018). Ours only.
+    rows += [Row(f"leakage.{name}_alignment", G51, f"{name_shown}: cosine of each perturbation with its label's "
+                 "robust margin direction (mean)", "—",
+                 lambda r, name=name: r.measured("leakage", name, "label_alignment"), percent=False)
+             for name, name_shown in (("d_rand", "D_rand"), ("d_det", "D_det"))]
     return rows
 
 

@@ -179,18 +179,20 @@ def figure3(*, source: str, fresh: Sequence[str], ddet: Sequence[str], transfer:
 
 
 def training_set(stage_dir: str):
-    """The training images and labels a finished train stage trained on: its constructed dataset (from the record
-    ``constructed.json``) or the authors' released files (a ``released_<stage>``'s ``--data.init_args.folder``)."""
+    """The training images and labels a finished train stage trained on, and the original training-set index of
+    each (None for released files): its constructed dataset (from the record ``constructed.json``) or the
+    authors' released files (a ``released_<stage>``'s ``--data.init_args.folder``)."""
     from datamodules import load_released
     from datamodules.constructed.engine import load
     from datamodules.constructed.store import ShardStore
     from pipeline.outputs import constructed_record
 
     if (record := constructed_record(Path(stage_dir))) is not None:
-        return load(ShardStore(Path(record["directory"]))).training_set(record.get("keep"))
+        constructed, keep = load(ShardStore(Path(record["directory"]))), record.get("keep")
+        return (*constructed.training_set(keep), constructed.training_indices(keep))
     fit = (read_json(Path(stage_dir) / STAGE_JSON) or {}).get("commands", {}).get("fit", [])
     if (folder := option_value(fit, "--data.init_args.folder")) is not None:
-        return load_released(folder)
+        return (*load_released(folder), None)
     raise ConfigError(f"leakage: {stage_dir} trained on neither a constructed dataset (no constructed.json) nor a "
                       "released one; pass the folder of a finished D_rand / D_det stage")
 
@@ -200,12 +202,16 @@ def leakage(*, features: str, d_rand: str | None = None, d_det: str | None = Non
             seed: int = 0, batch_size: int = 250, data_dir: str | None = None) -> dict:
     """Goh's robust feature leakage (SPEC 5.1): a linear classifier on only the 10 robust features (the logits of
     the certified linear model ``features``), fitted on each D_rand / D_det stage's training set with its labels,
-    scored on the real test set's true labels. High accuracy: the dataset teaches through robust features."""
+    scored on the real test set's true labels. High accuracy: the dataset teaches through robust features. For the
+    suite's own sets also ``label_alignment``: the mean cosine between each perturbation (image minus its clean
+    source) and the pixel direction that raises its label's robust margin most (``models.linear``)."""
     import torch
     from torch import nn
 
+    from common.tensors import as_float_images
+    from datamodules import CIFAR10DataModule
     from models import load_source, read_checkpoint
-    from models.linear import certified, fit_linear, pixel_weight
+    from models.linear import certified, fit_linear, label_alignment, pixel_weight
 
     model = load_source(features).model
     eps = (read_checkpoint(features).get("hyper_parameters") or {}).get("eps")
@@ -223,19 +229,28 @@ def leakage(*, features: str, d_rand: str | None = None, d_det: str | None = Non
         "clean_acc": (test_features.argmax(1) == y_test).float().mean().item(),
         "certified_acc": certified(test_features, y_test, pixel_weight(model), eps).float().mean().item(),
         "eps": eps}}
+    clean_train = None  # the CIFAR-10 training images, read once if a constructed set needs them
     for name, stage in (("d_rand", d_rand), ("d_det", d_det), ("released_d_rand", released_d_rand),
                         ("released_d_det", released_d_det)):
         if stage is None:
             continue
         start = time.monotonic()
-        x, y = training_set(stage)
+        x, y, source_index = training_set(stage)
         train_features = robust_features(x)
         classifier = fit_linear(train_features, y, seed=seed)
         with torch.no_grad():
             results[name] = {
                 "accuracy": (classifier(test_features).argmax(1) == y_test).float().mean().item(),
                 "train_accuracy": (classifier(train_features).argmax(1) == y).float().mean().item(),
-                "train_examples": len(y), "seconds": round(time.monotonic() - start, 1)}
+                "train_examples": len(y)}
+        if source_index is not None:  # how much robust feature of its label the attack planted: why it leaks
+            if clean_train is None:
+                clean_train = CIFAR10DataModule(data_dir=data_dir).load()[0]
+            weight = pixel_weight(model).detach()
+            cosines = [label_alignment(x[part] - as_float_images(clean_train[source_index[part]]), y[part], weight)
+                       for part in (slice(i, i + batch_size) for i in range(0, len(y), batch_size))]
+            results[name]["label_alignment"] = torch.cat(cosines).mean().item()
+        results[name]["seconds"] = round(time.monotonic() - start, 1)
     return results
 
 
@@ -574,7 +589,9 @@ def log(name: str, out: Path, args: dict, results: dict, logger_configs: Sequenc
         metrics = {f"autoattack/{m}/{k}_l2_{e}": v[f"{k}_acc"] for m, record in results["models"].items()
                    for e, v in record["eps"].items() for k in ("autoattack", "pgd")}
     elif name == "leakage":
-        metrics = {f"leakage/{k}": v["accuracy"] for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
+        sets = {k: v for k, v in results.items() if isinstance(v, dict) and "accuracy" in v}
+        metrics = {f"leakage/{k}": v["accuracy"] for k, v in sets.items()}
+        metrics |= {f"leakage/{k}_alignment": v["label_alignment"] for k, v in sets.items() if "label_alignment" in v}
     else:
         metrics = scalars({k: v for k, v in results.items() if k in NAKKIRAN_ATTACKS}, name)
     params = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in args.items() if v is not None}

@@ -11,7 +11,7 @@ from attacks import pgd
 from common.errors import ConfigError
 from lightning_modules import CertifiedLinearModule, ClassifierModule
 from models import build_model
-from models.linear import certified, fit_linear, pixel_weight, worst_case_logits
+from models.linear import certified, fit_linear, label_alignment, margin_direction, pixel_weight, worst_case_logits
 
 EPS = 0.25
 MEAN, STD = (0.49, 0.48, 0.45), (0.2, 0.25, 0.3)
@@ -32,6 +32,23 @@ def test_the_closed_form_worst_case_is_reached_by_the_perturbation_along_the_wei
             attained = moved.gather(1, y[:, None])[:, 0] - moved[:, k]
             bound = logits.gather(1, y[:, None])[:, 0] - worst[:, k]
             assert torch.allclose(attained, bound, atol=1e-4), k
+
+
+def test_the_label_alignment_is_one_along_the_margin_direction_and_near_zero_for_a_random_perturbation():
+    torch.manual_seed(0)
+    model = build_model("linear", mean=MEAN, std=STD).eval()
+    weight, labels = pixel_weight(model).detach(), torch.arange(20) % 10
+    along = 0.3 * margin_direction(weight, labels).view(-1, 3, 32, 32)
+    random = torch.randn(20, 3, 32, 32)
+    x = torch.rand(20, 3, 32, 32)
+    with torch.no_grad():  # the direction raises the label's logit above the others' mean by exactly direction . d
+        shift = model(x + along) - model(x)
+        others = (shift.sum(1) - shift[torch.arange(20), labels]) / 9
+        moved = shift[torch.arange(20), labels] - others
+    assert torch.allclose(moved, (along.flatten(1) * margin_direction(weight, labels)).sum(1), atol=1e-4)
+    assert torch.allclose(label_alignment(along, labels, weight), torch.ones(20), atol=1e-5)
+    assert label_alignment(random, labels, weight).abs().max() < 0.1  # 1/sqrt(3072) = 0.018 typical
+    assert label_alignment(-along, labels, weight).mean() < -0.99
 
 
 def train(module: ClassifierModule, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> ClassifierModule:

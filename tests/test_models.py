@@ -3,12 +3,14 @@ import torch
 
 from models.networks import ARCHITECTURES, Normalize, PatchWhitening, build_model
 
-FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 128, "linear": 3 * 32 * 32}
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 128, "simple_cnn": 128,
+                "linear": 3 * 32 * 32}
+ARCH_KWARGS = {"simple_cnn": {"image_size": 32}}  # its default is MNIST's 28
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_logits_and_representation_shapes(arch):
-    model = build_model(arch, num_classes=7).eval()
+    model = build_model(arch, num_classes=7, **ARCH_KWARGS.get(arch, {})).eval()
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, 7)
     assert model.features(x).shape == (2, FEATURE_DIMS[arch]) == (2, model.feature_dim)
@@ -34,8 +36,10 @@ def test_normalisation_is_inside_the_model():
 
 
 def test_single_channel_inputs():
-    model = build_model("resnet18", in_channels=1, mean=(0.1307,), std=(0.3081,)).eval()
-    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    for arch in ("resnet18", "simple_cnn"):
+        model = build_model(arch, in_channels=1, mean=(0.1307,), std=(0.3081,)).eval()
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the simple CNN has none
 
 
 def test_bad_names_and_stats_are_explained():

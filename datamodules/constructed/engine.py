@@ -212,6 +212,15 @@ class ConstructedSet:
         whose statistic ``keep`` is nonzero."""
         if keep is None:
             return self.x, self.y
+        mask = self.kept(keep)
+        return self.x[mask], self.y[mask]
+
+    def training_indices(self, keep: str | None = None) -> torch.Tensor:
+        """The original training-set index of each example of ``training_set(keep)``, in its order."""
+        return self.index if keep is None else self.index[self.kept(keep)]
+
+    def kept(self, keep: str) -> torch.Tensor:
+        """The examples whose statistic ``keep`` is nonzero (bool ``[N]``)."""
         if keep not in self.stats:
             raise GenerationError(f"the recipe keeps the examples with a nonzero {keep!r}, a statistic "
                                   f"this dataset lacks (it has {sorted(self.stats)}); regenerate it: delete "
@@ -220,7 +229,7 @@ class ConstructedSet:
         if not mask.any():
             raise GenerationError(f"no example of {self.directory} has a nonzero {keep!r}: nothing to train on "
                                   "(e.g. a source model that gets every training image right)")
-        return self.x[mask], self.y[mask]
+        return mask
 
 
 def check_output(out: RecipeOutput, batch: Batch) -> None:
