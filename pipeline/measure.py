@@ -329,9 +329,10 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
               corruption_examples: int | None = None, examples: int = 1000, seed: int = 0, batch_size: int = 250,
               data_dir: str | None = None) -> dict:
     """Gilmer & Hendrycks (SPEC 5.4): per model (``NAME=CKPT``), the error under Fourier-basis noise of L2 norm
-    ``norm`` for every frequency on a seeded subset of the test set, its mean accuracy in a low and a high band,
-    and the accuracy under CIFAR-10-C fog and contrast at ``severity`` (the files of ``cifar10c`` when given, else
-    generated) on the test set (or a seeded subset of ``corruption_examples``)."""
+    ``norm`` for every frequency on a seeded subset of the test set, its mean accuracy in a low and a high band
+    and on each ring ``max(|u|, |v|) = r`` (``radial_acc[r]``: the profile the bands summarise), and the accuracy
+    under CIFAR-10-C fog and contrast at ``severity`` (the files of ``cifar10c`` when given, else generated) on
+    the test set (or a seeded subset of ``corruption_examples``)."""
     import torch
 
     from attacks.fourier import band_error, fourier_error_map
@@ -370,6 +371,7 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
         results["models"][name] = {
             "checkpoint": path, "clean_acc": accuracy(net, x, y),
             "low_band_acc": 1 - band_error(errors, *LOW_BAND), "high_band_acc": 1 - band_error(errors, *HIGH_BAND),
+            "radial_acc": [1 - band_error(errors, r, r) for r in range(len(errors) // 2 + 1)],
             **{f"{c}_acc": accuracy(net, cx, cy) for c, (cx, cy, _) in corrupted.items()},
             "error_map": errors.tolist(), "seconds": round(time.monotonic() - start, 1)}
     return results

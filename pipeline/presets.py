@@ -259,7 +259,7 @@ def tiny() -> list[Stage]:
         # Wallace [5.3]: the standard model labels (the mini labeller is the same config stopped early), and the
         # MNIST pair without the rescaled variant (a recipe option, tests/test_wallace.py).
         train("wallace_errors", "wallace_errors", *on("standard"), deps=["standard"]),
-        *wallace_mnist("configs/mini", on, *TINY)[:2],
+        *wallace_mnist("configs/mini", on, *TINY, "--model.init_args.arch_kwargs", "{}")[:2],  # simple_cnn: no widths
     ]
 
 
