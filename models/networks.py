@@ -173,14 +173,15 @@ def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool:
     return nn.Sequential(*layers), c_in
 
 
-def simple_cnn_body(in_channels: int, image_size: int = 28) -> tuple[nn.Module, int]:
+def simple_cnn_body(in_channels: int) -> tuple[nn.Module, int]:
     """The "simple CNN" of PyTorch's MNIST example (pytorch/examples, mnist/main.py): conv 32, conv 64 (3 x 3,
-    ReLU), 2 x 2 max-pool, dropout 0.25, a 128-unit ReLU layer, dropout 0.5. No BatchNorm: its eval-mode statistics
-    are those of the training images, which shifts every layer on images of another dataset (Wallace's MNIST model
-    labelling Fashion-MNIST). ``image_size``: the side of the square input images."""
-    side = (image_size - 4) // 2  # two unpadded 3 x 3 convolutions, then the pool
-    body = nn.Sequential(nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Dropout(0.5))
+    ReLU), max-pool to 12 x 12 (on 28 x 28 images exactly the example's 2 x 2 pool; adaptive so that any image
+    size works), dropout 0.25, a 128-unit ReLU layer, dropout 0.5. No BatchNorm: its eval-mode statistics are those
+    of the training images, which shifts every layer on images of another dataset (Wallace's MNIST model
+    labelling Fashion-MNIST)."""
+    body = nn.Sequential(nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
+                         nn.AdaptiveMaxPool2d(12), nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * 12 * 12, 128),
+                         nn.ReLU(), nn.Dropout(0.5))
     return body, 128
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from common.attack_settings import NAKKIRAN_ATTACKS, SWEEP_STEPS, eps_text
+from common.attack_settings import NAKKIRAN_ATTACKS, eps_text
 
 CHANCE = 0.10  # CIFAR-10
 
@@ -337,7 +337,7 @@ def section_autoattack() -> list[Row]:
     rows = []
     for model, name in names.items():
         for eps in (0.25, 0.5):
-            for attack, what in (("pgd", f"PGD ({SWEEP_STEPS} steps)"), ("autoattack", "AutoAttack")):
+            for attack, what in (("pgd", "PGD (the test sweep's steps)"), ("autoattack", "AutoAttack")):
                 published = paper.get((model, attack), "—") if eps == 0.25 else "—"  # the papers give L2 0.25
                 check = survives if (model, attack, eps) == ("d_robust", "autoattack", 0.25) else None
                 rows.append(Row(f"autoattack.{model}.{attack}_l2_{eps:g}", AA56, f"{name}: accuracy at L2 {eps:g}, "

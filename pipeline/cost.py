@@ -119,7 +119,7 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
         # and Square (up to 1,800 more steps and 5,000 queries an image) see only the images still standing, which
         # depends on the model (none for a non-robust one); counting them all made the ETA hours too long.
         radii = count_after("--eps", 2)
-        gradient_steps = 100 + SWEEP_STEPS
+        gradient_steps = 100 + last("--pgd_steps", SWEEP_STEPS)
         return {"measure": float(examples * radii * models * gradient_steps * PASSES_PER_STEP * network_flops)}
     if args[0] == "inversion":
         return {"measure": float(last("--examples", 50) * last("--steps", 1000) * PASSES_PER_STEP * models

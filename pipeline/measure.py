@@ -440,11 +440,13 @@ def inversion(*, model: Sequence[str], steps: int = 1000, step_size: float = 0.1
 
 
 def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), version: str = "standard",
-               examples: int = 1000, seed: int = 0, batch_size: int = 250, data_dir: str | None = None) -> dict:
+               pgd_steps: int = SWEEP_STEPS, examples: int = 1000, seed: int = 0, batch_size: int = 250,
+               data_dir: str | None = None) -> dict:
     """D_R under a stronger attack (SPEC 5.6: models trained on D_R were reported largely non-robust under
     AutoAttack): per model (``NAME=CKPT``), accuracy at each L2 ``eps`` under torchattacks' re-implementation of
     AutoAttack (``version`` standard: APGD-CE, APGD-T, FAB-T, Square) and, on the same seeded subset of the real
-    test set, under the suite's 20-step PGD of the test sweep."""
+    test set, under the suite's PGD of the test sweep (``pgd_steps``: the scale's sweep steps, which the preset
+    passes)."""
     import torchattacks
 
     from attacks import predict, robust_accuracy
@@ -453,14 +455,14 @@ def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), vers
         raise ConfigError(f"autoattack: --version must be standard, plus or rand (torchattacks), got {version!r}")
     device = _device()
     x, y = (t.to(device) for t in cifar_test_subset(examples, seed, data_dir))
-    results = {"examples": examples, "seed": seed, "eps": list(eps), "norm": "l2", "pgd_steps": SWEEP_STEPS,
+    results = {"examples": examples, "seed": seed, "eps": list(eps), "norm": "l2", "pgd_steps": pgd_steps,
                "attack": f"AutoAttack ({version}), torchattacks {torchattacks.__version__} re-implementation",
                "models": {}}
     for name, path in named_models(model, "autoattack").items():
         start = time.monotonic()
         net = _model(path).eval()
         right = predict(net, x, batch_size=batch_size) == y
-        pgd = robust_accuracy(net, x, y, [("l2", e) for e in eps], steps=SWEEP_STEPS, batch_size=batch_size,
+        pgd = robust_accuracy(net, x, y, [("l2", e) for e in eps], steps=pgd_steps, batch_size=batch_size,
                               seed=seed)
         record = {"checkpoint": path, "clean_acc": right.float().mean().item(), "eps": {}}
         for e, pgd_acc in zip(eps, pgd.values(), strict=True):
@@ -540,6 +542,7 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("autoattack", parents=[common, models], help=autoattack.__doc__.splitlines()[0])
     a.add_argument("--eps", type=float, nargs="+", default=[0.25, 0.5], help="L2 radii")
     a.add_argument("--version", default="standard", help="torchattacks AutoAttack version: standard, plus, rand")
+    a.add_argument("--pgd_steps", type=int, default=SWEEP_STEPS, help="steps of the PGD beside it (the sweep's)")
     return p
 
 

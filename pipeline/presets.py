@@ -37,9 +37,11 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from common.attack_settings import SWEEP_STEPS
 from common.errors import ConfigError
 from pipeline.stages import (
     NO_SWEEP,
+    REPO,
     TEST,
     TEST_AND_SHIFTED,
     Stage,
@@ -56,6 +58,18 @@ SQUARES_TESTS = (*TEST, Test("test_1epoch", checkpoint="after_1_epoch.ckpt"))
 
 FREQUENCY_MODELS = ("standard", "adversarial_l2", "gaussian_noise")  # Gilmer & Hendrycks' three models [5.4]
 AUTOATTACK_MODELS = ("standard", "adversarial_l2", "d_robust", "d_nonrobust")  # is D_R's robustness real? [5.6]
+
+
+def sweep_steps(configs: str) -> int:
+    """The PGD steps of a scale's test sweep: RobustAccuracy's ``test_steps`` in ``<configs>/base.yaml``, else the
+    callback's default. Read from the config so that the AutoAttack stage's PGD is the sweep's, without a copy."""
+    import yaml
+
+    base = yaml.safe_load((REPO / configs / "base.yaml").read_text()) or {}
+    for callback in (base.get("trainer") or {}).get("callbacks") or []:
+        if str(callback.get("class_path", "")).endswith("RobustAccuracy"):
+            return int((callback.get("init_args") or {}).get("test_steps", SWEEP_STEPS))
+    return SWEEP_STEPS
 
 
 def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_examples: int, autoattack_examples: int,
@@ -139,7 +153,8 @@ def debate(configs: str, *, ensemble: int, transfer_examples: int, frequency_exa
                       "--examples", str(frequency_examples), deps=list(FREQUENCY_MODELS)),
         # D_R under a stronger attack [5.6]: torchattacks' AutoAttack beside the test sweep's PGD.
         measure_stage("autoattack", "autoattack", "--model", *(f"{m}={{ckpt:{m}}}" for m in AUTOATTACK_MODELS),
-                      "--examples", str(autoattack_examples), deps=list(AUTOATTACK_MODELS)),
+                      "--examples", str(autoattack_examples), "--pgd_steps", str(sweep_steps(configs)),
+                      deps=list(AUTOATTACK_MODELS)),
         # The rebuttal and Nakano [5.5]: R(f) layer by layer for the standard model, the other standard
         # architectures and the robust one; inversion from noise for the standard and the robust model.
         measure_stage("layer_robustness", "layer_robustness", "--model",
@@ -284,7 +299,7 @@ REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "
                                                     "frequency": ("--examples", "4", "--corruption_examples", "20"),
                                                     "layer_robustness": ("--examples", "20", "--steps", "2"),
                                                     "inversion": ("--examples", "10", "--steps", "2"),
-                                                    "autoattack": ("--examples", "10")}
+                                                    "autoattack": ("--examples", "10", "--pgd_steps", "2")}
 
 
 def rehearsal(stages: Sequence[Stage]) -> list[Stage]:

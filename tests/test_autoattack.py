@@ -3,6 +3,8 @@ PGD, checked on a linear model of real CIFAR-10, whose exact L2 worst case is kn
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,3 +69,22 @@ def test_the_report_says_whether_d_rs_robustness_survives_autoattack():
     assert verdict(record(0.15, 0.40, 0.01)) is False  # below half of PGD's: the robustness was the attack's weakness
     assert verdict(record(0.01, 0.01, 0.02)) is False
     assert verdict({}) is None
+
+
+@pytest.mark.parametrize(("preset_name", "configs"), [("mini", "configs/mini"), ("paper", "configs/cifar10")])
+def test_the_pgd_beside_autoattack_takes_the_steps_of_the_scales_test_sweep(preset_name, configs):
+    import inspect
+
+    import yaml
+
+    from lightning_modules.callbacks import RobustAccuracy
+    from pipeline.presets import PRESETS
+    from pipeline.stages import option_value
+
+    stage = next(s for s in PRESETS[preset_name]() if s.name == "autoattack")
+    base = yaml.safe_load(Path(f"{configs}/base.yaml").read_text())
+    sweeps = [c for c in base["trainer"]["callbacks"] if c["class_path"].endswith("RobustAccuracy")]
+    default = inspect.signature(RobustAccuracy).parameters["test_steps"].default
+    expected = sweeps[0]["init_args"]["test_steps"] if sweeps else default
+    steps = int(option_value(list(stage.overrides), "--pgd_steps"))
+    assert steps == expected == {"mini": 20, "paper": 100}[preset_name]

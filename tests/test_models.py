@@ -5,12 +5,11 @@ from models.networks import ARCHITECTURES, Normalize, PatchWhitening, build_mode
 
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "vgg16": 512, "fast_cnn": 128, "simple_cnn": 128,
                 "linear": 3 * 32 * 32}
-ARCH_KWARGS = {"simple_cnn": {"image_size": 32}}  # its default is MNIST's 28
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_logits_and_representation_shapes(arch):
-    model = build_model(arch, num_classes=7, **ARCH_KWARGS.get(arch, {})).eval()
+    model = build_model(arch, num_classes=7).eval()
     x = torch.rand(2, 3, 32, 32)
     assert model(x).shape == (2, 7)
     assert model.features(x).shape == (2, FEATURE_DIMS[arch]) == (2, model.feature_dim)
