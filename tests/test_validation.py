@@ -67,7 +67,7 @@ def test_arch_kwargs_the_architecture_does_not_take_are_refused_naming_arch_keys
         build_model("fast_cnn", widht=[8, 16, 32])
     assert arch_kwargs_of("resnet18") == () and arch_kwargs_of("fast_cnn") == ("widths", "pool", "whiten",
                                                                               "whiten_eps")
-    assert sorted(ARCHITECTURES) == ["fast_cnn", "linear", "resnet18", "resnet50", "vgg16"]
+    assert sorted(ARCHITECTURES) == ["fast_cnn", "linear", "resnet18", "resnet50", "simple_cnn", "vgg16"]
     build_model("fast_cnn", widths=[8], pool="avg", whiten=True, whiten_eps=1e-3)  # every accepted key builds
 
 
