@@ -8,7 +8,8 @@ What is compared: each report row's number (``results.json``, by row id) and eve
 ``results`` (``<stage>/stage.json``: test metrics and sweeps, measure outputs), flattened into paths such as
 ``standard/test/metrics/test/acc``. Timings, paths, keys and versions are not results and are left out. Rows and
 fields that only one side has are listed, not counted as differences; ``--rename OLD=NEW`` maps a row id of A
-that B names otherwise.
+that B names otherwise; ``--rows-by text`` keys rows by their display text instead, for reports written before
+rows had ids.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from common.files import read_json
 
 RESULTS_JSON, STAGE_JSON = "results.json", "stage.json"
+# Leaves of a stage's results that describe the run, not its outcome: they differ between any two runs.
+NOT_RESULTS = frozenset({"seconds", "path", "checkpoint"})
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, object]:
@@ -38,16 +41,21 @@ def flatten(value: object, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def numbers(out: Path, rename: Mapping[str, str] = {}) -> dict[str, object]:
-    """Every result of the reproduction in ``out``: ``row:<id>`` for the report's rows, ``<stage>/...`` for the
-    stages' results."""
+def numbers(out: Path, rename: Mapping[str, str] = {}, rows_by: str = "id") -> dict[str, object]:
+    """Every result of the reproduction in ``out``: ``row:<id>`` (or ``row:<display text>`` with
+    ``rows_by="text"``) for the report's rows, ``<stage>/...`` for the stages' results."""
     report = read_json(out / RESULTS_JSON)
     if report is None:
         raise SystemExit(f"{out} holds no {RESULTS_JSON}: pass the --out folder of a finished `reproduce`")
-    found = {f"row:{rename.get(r['id'], r['id'])}": r["suite"] for r in report["claims"]}
+    field_name = {"id": "id", "text": "experiment"}[rows_by]
+    if any(field_name not in r for r in report["claims"]):
+        raise SystemExit(f"{out / RESULTS_JSON}: its rows have no {field_name!r} (a report of an older version): "
+                         "pass --rows-by text")
+    found = {f"row:{rename.get(r[field_name], r[field_name])}": r["suite"] for r in report["claims"]}
     for stage_json in sorted(out.glob(f"*/{STAGE_JSON}")):
         record = read_json(stage_json) or {}
-        found.update(flatten(record.get("results") or {}, stage_json.parent.name))
+        found.update((key, value) for key, value in flatten(record.get("results") or {}, stage_json.parent.name).items()
+                     if key.rsplit("/", 1)[-1] not in NOT_RESULTS)
     return found
 
 
@@ -103,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out_b", type=Path)
     p.add_argument("--tolerance", type=float, default=0.0, help="largest absolute difference counted as equal")
     p.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="row ids of A that B names otherwise")
+    p.add_argument("--rows-by", choices=("id", "text"), default="id",
+                   help="key the report's rows by id (default) or by display text (reports without ids)")
     p.add_argument("--table", action="store_true", help="print the report's rows with both columns instead")
     p.add_argument("--labels", nargs=2, default=["A", "B"], help="column names of --table")
     args = p.parse_args(argv)
@@ -110,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(args.out_a, args.out_b, args.labels))
         return 0
     rename = dict(pair.split("=", 1) for pair in args.rename)
-    result = compare(numbers(args.out_a, rename), numbers(args.out_b), args.tolerance)
+    result = compare(numbers(args.out_a, rename, args.rows_by), numbers(args.out_b, rows_by=args.rows_by),
+                     args.tolerance)
     within = f" within {args.tolerance}" if args.tolerance else ""
     print(f"{result.compared} numbers in both: {result.compared - len(result.differ)} equal{within}, "
           f"{len(result.differ)} differ")

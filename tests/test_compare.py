@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline import compare
 
 
@@ -47,3 +49,18 @@ def test_renamed_rows_are_matched_and_the_table_shows_both_columns(tmp_path, cap
     assert table[0] == "| row | paper | fp32 | bf16 |"
     assert "| standard: clean test acc | 95.3% | 87.6% ✓ | — |" in table  # B names the row otherwise
     assert "| errors | 18,768 | — | 460 |" in table
+
+
+def test_reports_without_row_ids_compare_by_text_and_paths_and_seconds_are_not_results(tmp_path, capsys):
+    a, b = reproduction(tmp_path / "a", 0.876), reproduction(tmp_path / "b", 0.876)
+    report = json.loads((a / "results.json").read_text())
+    del report["claims"][0]["id"]  # a report written before rows had ids
+    (a / "results.json").write_text(json.dumps(report))
+    for out, seconds in ((a, 7.1), (b, 8.9)):  # run descriptions inside results differ between any two runs
+        record = json.loads((out / "standard" / "stage.json").read_text())
+        record["results"]["test"].update(seconds=seconds, trained={"path": str(out / "last.ckpt")})
+        (out / "standard" / "stage.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"its rows have no 'id'.*pass --rows-by text"):
+        compare.main([str(a), str(b)])
+    assert compare.main([str(a), str(b), "--rows-by", "text"]) == 0
+    assert "5 numbers in both: 5 equal, 0 differ" in capsys.readouterr().out
