@@ -7,11 +7,13 @@ contrast are generated from the real test set (``datamodules/corruptions.py``), 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.datasets import CIFAR10_TEST_SIZE
 from common.errors import ConfigError
 from datamodules.corruptions import CORRUPTIONS, check_severity
 from datamodules.files import DatasetFilesError
@@ -20,7 +22,7 @@ from datamodules.real import CIFAR10DataModule
 CIFAR10C = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
             "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
             "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate")
-PER_SEVERITY = 10_000
+PER_SEVERITY = CIFAR10_TEST_SIZE
 DOWNLOAD = "https://zenodo.org/record/2535967 (CIFAR-10-C.tar)"
 
 
@@ -45,11 +47,15 @@ def read_cifar10c(folder: Path, corruption: str, severity: int) -> tuple[torch.T
     return x, torch.from_numpy(labels[part].astype(np.int64))
 
 
-def corrupted(x: torch.Tensor, corruption: str, severity: int, seed: int = 0, batch: int = 1000) -> torch.Tensor:
-    """uint8 images ``x`` under a corruption the suite generates, as uint8."""
+def corrupted(x: torch.Tensor, corruption: str, severity: int, seed: int = 0, batch: int = 1000,
+              indices: Sequence[int] | None = None) -> torch.Tensor:
+    """uint8 images ``x`` under a corruption the suite generates, as uint8. ``indices``: each image's index in the
+    test set (default: x is the whole test set), so a subset is corrupted exactly as in the whole set."""
+    indices = list(range(len(x)) if indices is None else indices)
     out = []
     for start in range(0, len(x), batch):
-        part = CORRUPTIONS[corruption](x[start:start + batch].double() / 255, severity, seed=seed, first=start)
+        part = CORRUPTIONS[corruption](x[start:start + batch].double() / 255, severity, seed=seed,
+                                       indices=indices[start:start + batch])
         out.append((part * 255).round().to(torch.uint8))
     return torch.cat(out)
 
@@ -58,7 +64,7 @@ class CIFAR10CDataModule(CIFAR10DataModule):
     """CIFAR-10 with its test (and validation) set replaced by a CIFAR-10-C corruption; training data unchanged."""
 
     def __init__(self, *args, corruption: str = "fog", severity: int = 5, folder: str | None = None,
-                 corruption_seed: int = 0, **kwargs) -> None:
+                 corruption_seed: int = 0, test_indices: Sequence[int] | None = None, **kwargs) -> None:
         """
         Args:
             corruption: a CIFAR-10-C corruption (``fog``, ``contrast``, ``gaussian_noise``, ...).
@@ -66,6 +72,8 @@ class CIFAR10CDataModule(CIFAR10DataModule):
             folder: the CIFAR-10-C folder (``<corruption>.npy``, ``labels.npy``); None or without the file: fog and
                 contrast are generated from the real test set, any other corruption is an error.
             corruption_seed: seed of the generated corruptions' randomness (fog's fractals), per image.
+            test_indices: only these test images (indices into the test set), each corrupted exactly as in the
+                whole set; None: the whole test set.
         """
         super().__init__(*args, **kwargs)
         if corruption not in CIFAR10C:
@@ -80,6 +88,7 @@ class CIFAR10CDataModule(CIFAR10DataModule):
             raise ConfigError(f"{corruption} needs the CIFAR-10-C files (the suite generates only "
                               f"{sorted(CORRUPTIONS)}): download {DOWNLOAD} and set data.init_args.folder")
         self.corruption, self.severity, self.corruption_seed = corruption, severity, corruption_seed
+        self.test_indices = None if test_indices is None else [int(i) for i in test_indices]
 
     def has_files(self, corruption: str) -> bool:
         return self.folder is not None and (self.folder / f"{corruption}.npy").is_file()
@@ -88,6 +97,11 @@ class CIFAR10CDataModule(CIFAR10DataModule):
         train_x, train_y, test_x, test_y = super().load()
         if self.has_files(self.corruption):
             test_x, test_y = read_cifar10c(self.folder, self.corruption, self.severity)
-        else:
-            test_x = corrupted(test_x, self.corruption, self.severity, self.corruption_seed)
+        keep = self.test_indices
+        if keep is not None:
+            if keep and not 0 <= min(keep) <= max(keep) < len(test_y):
+                raise ConfigError(f"test_indices must lie in [0, {len(test_y)}); fix data.init_args.test_indices")
+            test_x, test_y = test_x[keep], test_y[keep]
+        if not self.has_files(self.corruption):
+            test_x = corrupted(test_x, self.corruption, self.severity, self.corruption_seed, indices=keep)
         return train_x, train_y, test_x, test_y

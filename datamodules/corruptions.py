@@ -16,6 +16,7 @@ who have the CIFAR-10-C files load them instead (``datamodules.CIFAR10CDataModul
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -33,8 +34,8 @@ def as_uint8_levels(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x.clamp(0, 1) * 255) / 255
 
 
-def contrast(x: torch.Tensor, severity: int, seed: int = 0, first: int = 0) -> torch.Tensor:
-    """CIFAR-10-C's contrast of images ``[N, C, H, W]`` in [0, 1] (deterministic: ``seed``, ``first`` unused)."""
+def contrast(x: torch.Tensor, severity: int, seed: int = 0, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """CIFAR-10-C's contrast of images ``[N, C, H, W]`` in [0, 1] (deterministic: ``seed``, ``indices`` unused)."""
     check_severity(severity)
     means = x.mean(dim=(2, 3), keepdim=True)
     return as_uint8_levels((x - means) * CONTRAST[severity - 1] + means)
@@ -75,21 +76,24 @@ def image_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def fog(x: torch.Tensor, severity: int, seed: int = 0, first: int = 0, fractals: torch.Tensor | None = None
-        ) -> torch.Tensor:
+def fog(x: torch.Tensor, severity: int, seed: int = 0, indices: Sequence[int] | None = None,
+        fractals: torch.Tensor | None = None) -> torch.Tensor:
     """CIFAR-10-C's fog of images ``[N, C, H, W]`` in [0, 1] (H = W = 32 as CIFAR-10-C; other sizes use a fractal
-    of the next power of two, cropped); image i's fractal from generator (``seed``, ``first + i``), so a set
-    corrupted in batches is the set corrupted at once. ``fractals`` ``[N, H, W]``: these height maps instead."""
+    of the next power of two, cropped). Image i's fractal comes from generator (``seed``, ``indices[i]``; default
+    ``i``): pass each image's index in its dataset, and a set corrupted in batches, or only a subset of it, gets
+    the images of the whole set corrupted at once. ``fractals`` ``[N, H, W]``: these height maps instead."""
     check_severity(severity)
     thickness, decay = FOG[severity - 1]
     n, _, h, w = x.shape
     if fractals is None:
         size = 1 << (max(h, w, 2) - 1).bit_length()  # the next power of two
-        fractals = torch.stack([plasma_fractal(size, decay, image_generator(seed, first + i))[:h, :w]
-                                for i in range(n)])
+        indices = range(n) if indices is None else indices
+        if len(indices) != n:
+            raise ValueError(f"{len(indices)} indices for {n} images")
+        fractals = torch.stack([plasma_fractal(size, decay, image_generator(seed, int(i)))[:h, :w] for i in indices])
     brightest = x.flatten(1).amax(1)[:, None, None, None]
     fogged = x.double() + thickness * fractals[:, None].to(torch.float64)
     return as_uint8_levels(fogged * brightest / (brightest + thickness)).to(x.dtype)
 
 
-CORRUPTIONS = {"fog": fog, "contrast": contrast}  # what the suite generates: (x, severity, seed, first) -> x
+CORRUPTIONS = {"fog": fog, "contrast": contrast}  # what the suite generates: (x, severity, seed, indices) -> x

@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from common.attack_settings import SWEEP_STEPS
+from common.datasets import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE
 from pipeline.stages import option_value
 
-CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+CIFAR_TRAIN, CIFAR_TEST = CIFAR10_TRAIN_SIZE, CIFAR10_TEST_SIZE
 PASSES_PER_STEP = 3  # forward + backward, in forward-pass units
 
 

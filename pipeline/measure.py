@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.attack_settings import NAKKIRAN_ATTACKS, NAKKIRAN_STEPS, SWEEP_STEPS
+from common.datasets import CIFAR10_TEST_SIZE
 from common.errors import ConfigError
 from common.files import read_json, write_json_atomic
 from pipeline.runner import STAGE_JSON
@@ -343,13 +344,12 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
     device = _device()
     x, y = (t.to(device) for t in cifar_test_subset(examples, seed, data_dir))
     corrupted = {}
+    keep = None if corruption_examples is None else seeded_subset(CIFAR10_TEST_SIZE, corruption_examples, seed).tolist()
     for corruption in ("fog", "contrast"):
-        dm = CIFAR10CDataModule(data_dir=data_dir, corruption=corruption, severity=severity, folder=cifar10c)
+        dm = CIFAR10CDataModule(data_dir=data_dir, corruption=corruption, severity=severity, folder=cifar10c,
+                                test_indices=keep)  # only the subset is corrupted, as it is in the whole set
         dm.setup("test")
         cx, cy = dm.test
-        if corruption_examples is not None:
-            keep = seeded_subset(len(cy), corruption_examples, seed)
-            cx, cy = cx[keep], cy[keep]
         corrupted[corruption] = (cx, cy, "CIFAR-10-C files" if dm.has_files(corruption) else "generated")
 
     def accuracy(net, images: torch.Tensor, labels: torch.Tensor) -> float:

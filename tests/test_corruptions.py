@@ -89,3 +89,11 @@ def test_fog_and_contrast_are_generated_from_the_real_test_set(data_dir, cifar):
     # Each image's fractal from its own seed: the same images whatever the batching, another seed other ones.
     assert torch.equal(corrupted(clean_x[:300], "fog", 5, batch=70), made["fog"][:300])
     assert not torch.equal(corrupted(clean_x[:300], "fog", 5, seed=1), made["fog"][:300])
+    # A subset by test index is corrupted exactly as in the whole set, without corrupting the rest.
+    keep = [3, 17, 256, 9999]
+    for corruption in ("fog", "contrast"):
+        _, _, x, y = CIFAR10CDataModule(data_dir=str(data_dir), corruption=corruption, severity=5,
+                                        test_indices=keep).load()
+        assert torch.equal(x, made[corruption][keep]) and torch.equal(y, clean_y[keep]), corruption
+    with pytest.raises(ConfigError, match=r"test_indices must lie in \[0, 10000\)"):
+        CIFAR10CDataModule(data_dir=str(data_dir), test_indices=[10_000]).load()
