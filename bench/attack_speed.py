@@ -28,6 +28,7 @@ from attacks.pgd import eval_mode, pgd
 from bench.common import CL, median, round_robin, spread
 from common.datasets import CIFAR10_MEAN as MEAN
 from common.datasets import CIFAR10_STD as STD
+from models.fusion import fold_batchnorm
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ L2 = Spec("l2", 0.5, 0.1, 10)
 OURS_FP32 = "ours fp32"
 OURS_CL = "ours fp32 + channels_last"
 OURS_BF16 = "ours bf16 autocast + channels_last"
+OURS_FOLDED = "ours bf16 autocast + channels_last, BatchNorm folded"
 TORCHATTACKS = "torchattacks (defaults, fp32)"
 ROBUSTNESS = "robustness (MadryLab, fp32)"
-OURS = (OURS_FP32, OURS_CL, OURS_BF16)
+OURS = (OURS_FP32, OURS_CL, OURS_BF16, OURS_FOLDED)
 
 Runner = Callable[[Tensor, Tensor], Tensor]
 
@@ -109,7 +111,8 @@ def cuda_calls_are_noops() -> Iterator[None]:
 
 def make_runner(method: str, variants: dict[str, nn.Module], spec: Spec, steps: int,
                 robustness: ModuleType | None) -> Runner:
-    """``run(x, y) -> x_adv`` for one method; ``variants`` holds the same weights contiguous and channels_last."""
+    """``run(x, y) -> x_adv`` for one method; ``variants`` holds the same weights contiguous, channels_last, and
+    channels_last with BatchNorm folded into the convolutions (models.fusion)."""
     contiguous, channels_last = variants["contiguous"], variants["channels_last"]
     ours = {"norm": spec.norm, "eps": spec.eps, "step_size": spec.step_size, "steps": steps, "use_best": False}
     if method == OURS_FP32:
@@ -118,6 +121,8 @@ def make_runner(method: str, variants: dict[str, nn.Module], spec: Spec, steps: 
         return lambda x, y: pgd(channels_last, x, y, channels_last=True, **ours)
     if method == OURS_BF16:
         return lambda x, y: pgd(channels_last, x, y, channels_last=True, autocast_dtype=torch.bfloat16, **ours)
+    if method == OURS_FOLDED:
+        return lambda x, y: pgd(variants["folded"], x, y, channels_last=True, autocast_dtype=torch.bfloat16, **ours)
     if method == TORCHATTACKS:  # its defaults except random_start (default True), set False to match
         cls = torchattacks.PGD if spec.norm == "linf" else torchattacks.PGDL2
         return cls(contiguous, eps=spec.eps, alpha=spec.step_size, steps=steps, random_start=False)
@@ -177,7 +182,8 @@ def attack_section(models: dict[str, nn.Module], batches: dict[str, tuple[Tensor
     results: dict = {}
     for arch, model in models.items():
         variants = {"contiguous": model.eval(),
-                    "channels_last": copy.deepcopy(model).to(memory_format=CL).eval()}
+                    "channels_last": copy.deepcopy(model).to(memory_format=CL).eval(),
+                    "folded": fold_batchnorm(model)[0].to(memory_format=CL)}
         x, y = batches[arch]
         results[arch] = {}
         for spec in specs:

@@ -96,3 +96,26 @@ def test_whiten_eps_sets_how_much_the_stem_amplifies_low_variance_directions(cif
     assert spreads[5e-4] < 3 < 20 < spreads[1.0]
     with pytest.raises(ValueError, match="whiten_eps must be > 0"):
         build_model("fast_cnn", whiten=True, whiten_eps=0.0)
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("fast_cnn", 6), ("resnet18", 20)])
+def test_batchnorm_folded_into_the_convolutions_computes_the_same_function(arch, expected):
+    from models.fusion import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(arch)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics as after training
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.rand(4, 3, 32, 32)
+    folded, count = fold_batchnorm(model)
+    assert count == expected
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    # A negative scale does not commute with the max-pool before it: that BatchNorm stays, the result is the same.
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_bn.weight.data[0] = -1.0
+    folded, count = fold_batchnorm(model)
+    assert count == expected - (arch == "fast_cnn")
+    assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
