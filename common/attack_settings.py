@@ -9,6 +9,10 @@ NAKKIRAN_ATTACKS = {"l2": {"eps": 2.5, "step_size": 0.5}, "linf": {"eps": 8 / 25
 # steps of 2.5 eps / steps, no random start. The AutoAttack stage runs it beside AutoAttack at every preset.
 SWEEP_STEPS = 20
 
+# AutoAttack "standard" (Croce & Hein, 2020) as the original runs it: APGD-CE, APGD-T and FAB-T 100 iterations each,
+# Square 5,000 queries (torchattacks' own AutoAttack runs the first three for 10: attacks/autoattack.py).
+AUTOATTACK_STEPS, AUTOATTACK_QUERIES = 100, 5000
+
 
 def eps_text(norm: str, eps: float) -> str:
     """``2.5`` for L2, ``8/255`` for Linf (in 1/255 units when that is a whole number)."""

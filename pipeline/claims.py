@@ -315,7 +315,8 @@ def section_53() -> list[Row]:
     ]
 
 
-AA56 = "D_R under a stronger attack: AutoAttack (torchattacks' re-implementation) beside the suite's PGD"
+AA56 = ("D_R under a stronger attack: AutoAttack (torchattacks' components, the original's budgets) beside "
+        "the suite's PGD")
 
 
 def attacked(model: str, attack: str, eps: float) -> Getter:

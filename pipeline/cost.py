@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from common.attack_settings import SWEEP_STEPS
+from common.attack_settings import AUTOATTACK_STEPS, SWEEP_STEPS
 from common.datasets import CIFAR10_TEST_SIZE, CIFAR10_TRAIN_SIZE
 from pipeline.stages import option_value
 
@@ -116,11 +116,11 @@ def measure_stage_flops(args: list[str], network_flops: int, attack_steps: int) 
         passes = examples * (last("--layers", 4) + 1) * last("--steps", 20) * PASSES_PER_STEP * models
         return {"measure": float(passes * network_flops)}
     if args[0] == "autoattack":
-        # A floor, as every figure here: APGD-CE's 100 steps and the PGD baseline on every image. APGD-T, FAB-T
-        # and Square (up to 1,800 more steps and 5,000 queries an image) see only the images still standing, which
-        # depends on the model (none for a non-robust one); counting them all made the ETA hours too long.
+        # A floor, as every figure here: APGD-CE's steps and the PGD baseline on every image. APGD-T, FAB-T and
+        # Square (18x those steps and the queries, an image) see only the images still standing, which depends on
+        # the model (none for a non-robust one); counting them all made the ETA hours too long.
         radii = count_after("--eps", 2)
-        gradient_steps = 100 + last("--pgd_steps", SWEEP_STEPS)
+        gradient_steps = last("--aa_steps", AUTOATTACK_STEPS) + last("--pgd_steps", SWEEP_STEPS)
         return {"measure": float(examples * radii * models * gradient_steps * PASSES_PER_STEP * network_flops)}
     if args[0] == "inversion":
         return {"measure": float(last("--examples", 50) * last("--steps", 1000) * PASSES_PER_STEP * models

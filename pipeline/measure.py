@@ -23,7 +23,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.attack_settings import NAKKIRAN_ATTACKS, NAKKIRAN_STEPS, SWEEP_STEPS
+from common.attack_settings import (
+    AUTOATTACK_QUERIES,
+    AUTOATTACK_STEPS,
+    NAKKIRAN_ATTACKS,
+    NAKKIRAN_STEPS,
+    SWEEP_STEPS,
+)
 from common.datasets import CIFAR10_TEST_SIZE
 from common.errors import ConfigError
 from common.files import read_json, write_json_atomic
@@ -440,24 +446,30 @@ def inversion(*, model: Sequence[str], steps: int = 1000, step_size: float = 0.1
 
 
 def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), version: str = "standard",
-               pgd_steps: int = SWEEP_STEPS, examples: int = 1000, seed: int = 0, batch_size: int = 250,
-               data_dir: str | None = None) -> dict:
+               aa_steps: int = AUTOATTACK_STEPS, aa_queries: int = AUTOATTACK_QUERIES, pgd_steps: int = SWEEP_STEPS,
+               examples: int = 1000, seed: int = 0, batch_size: int = 250, data_dir: str | None = None) -> dict:
     """D_R under a stronger attack (SPEC 5.6: models trained on D_R were reported largely non-robust under
-    AutoAttack): per model (``NAME=CKPT``), accuracy at each L2 ``eps`` under torchattacks' re-implementation of
-    AutoAttack (``version`` standard: APGD-CE, APGD-T, FAB-T, Square) and, on the same seeded subset of the real
-    test set, under the suite's PGD of the test sweep (``pgd_steps``: the scale's sweep steps, which the preset
-    passes)."""
+    AutoAttack): per model (``NAME=CKPT``), accuracy at each L2 ``eps`` under AutoAttack and, on the same seeded
+    subset of the real test set, under the suite's PGD of the test sweep (``pgd_steps``: the scale's sweep steps,
+    which the preset passes). ``version`` standard: APGD-CE, APGD-T, FAB-T and Square, torchattacks' components at
+    the original's budgets (``aa_steps`` iterations, ``aa_queries`` Square queries: attacks/autoattack.py);
+    plus / rand: torchattacks' own AutoAttack of that version, at its defaults."""
     import torchattacks
 
     from attacks import predict, robust_accuracy
+    from attacks.autoattack import autoattack_standard
 
     if version not in ("standard", "plus", "rand"):
         raise ConfigError(f"autoattack: --version must be standard, plus or rand (torchattacks), got {version!r}")
+    if aa_steps < 1 or aa_queries < 1:
+        raise ConfigError(f"autoattack: --aa_steps and --aa_queries must be >= 1, got {aa_steps} and {aa_queries}")
     device = _device()
     x, y = (t.to(device) for t in cifar_test_subset(examples, seed, data_dir))
+    described = (f"AutoAttack (standard: APGD-CE, APGD-T, FAB-T {aa_steps} iterations, Square {aa_queries} queries), "
+                 f"torchattacks {torchattacks.__version__} components" if version == "standard" else
+                 f"AutoAttack ({version}), torchattacks {torchattacks.__version__} re-implementation at its defaults")
     results = {"examples": examples, "seed": seed, "eps": list(eps), "norm": "l2", "pgd_steps": pgd_steps,
-               "attack": f"AutoAttack ({version}), torchattacks {torchattacks.__version__} re-implementation",
-               "models": {}}
+               "aa_steps": aa_steps, "aa_queries": aa_queries, "attack": described, "models": {}}
     for name, path in named_models(model, "autoattack").items():
         start = time.monotonic()
         net = _model(path).eval()
@@ -466,7 +478,9 @@ def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), vers
                               seed=seed)
         record = {"checkpoint": path, "clean_acc": right.float().mean().item(), "eps": {}}
         for e, pgd_acc in zip(eps, pgd.values(), strict=True):
-            attack = torchattacks.AutoAttack(net, norm="L2", eps=e, version=version, n_classes=10, seed=seed)
+            attack = (autoattack_standard(net, e, "L2", steps=aa_steps, queries=aa_queries, seed=seed)
+                      if version == "standard" else
+                      torchattacks.AutoAttack(net, norm="L2", eps=e, version=version, n_classes=10, seed=seed))
             robust = right.clone()
             attacked = right.nonzero().flatten()  # a wrong clean prediction is wrong under every attack
             for part in attacked.split(batch_size):
@@ -542,6 +556,10 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("autoattack", parents=[common, models], help=autoattack.__doc__.splitlines()[0])
     a.add_argument("--eps", type=float, nargs="+", default=[0.25, 0.5], help="L2 radii")
     a.add_argument("--version", default="standard", help="torchattacks AutoAttack version: standard, plus, rand")
+    a.add_argument("--aa_steps", type=int, default=AUTOATTACK_STEPS,
+                   help="iterations of APGD-CE, APGD-T and FAB-T (standard; the original's 100)")
+    a.add_argument("--aa_queries", type=int, default=AUTOATTACK_QUERIES,
+                   help="queries of Square (standard; the original's 5,000)")
     a.add_argument("--pgd_steps", type=int, default=SWEEP_STEPS, help="steps of the PGD beside it (the sweep's)")
     return p
 

@@ -269,7 +269,8 @@ def tiny() -> list[Stage]:
                         "--examples", examples, "--steps", "2", deps=["standard", "gaussian_noise"])
           for name, examples in (("layer_robustness", "20"), ("inversion", "10"))),
         measure_stage("autoattack", "autoattack", "--model", "standard={ckpt:standard}",
-                      "gaussian_noise={ckpt:gaussian_noise}", "--examples", "5", deps=["standard", "gaussian_noise"]),
+                      "gaussian_noise={ckpt:gaussian_noise}", "--examples", "5", "--aa_steps", "5",
+                      "--aa_queries", "50", deps=["standard", "gaussian_noise"]),
         measure_stage("goh_features", "goh_features", "--examples", "200"),
         # Wallace [5.3]: the standard model labels (the mini labeller is the same config stopped early), and the
         # MNIST pair without the rescaled variant (a recipe option, tests/test_wallace.py).
@@ -299,7 +300,8 @@ REHEARSAL_MEASURE: Mapping[str, tuple[str, ...]] = {"transfer": ("--examples", "
                                                     "frequency": ("--examples", "4", "--corruption_examples", "20"),
                                                     "layer_robustness": ("--examples", "20", "--steps", "2"),
                                                     "inversion": ("--examples", "10", "--steps", "2"),
-                                                    "autoattack": ("--examples", "10", "--pgd_steps", "2")}
+                                                    "autoattack": ("--examples", "10", "--pgd_steps", "2",
+                                                                   "--aa_steps", "2", "--aa_queries", "20")}
 
 
 def rehearsal(stages: Sequence[Stage]) -> list[Stage]:

@@ -1,5 +1,6 @@
-"""The AutoAttack measure (issue "Fidelity": is D_R's robustness real?): torchattacks' AutoAttack beside the suite's
-PGD, checked on a linear model of real CIFAR-10, whose exact L2 worst case is known in closed form."""
+"""The AutoAttack measure (issue "Fidelity": is D_R's robustness real?): AutoAttack (torchattacks' components at
+the original's budgets) beside the suite's PGD, checked on a linear model of real CIFAR-10, whose exact L2 worst
+case is known in closed form."""
 
 from __future__ import annotations
 
@@ -45,12 +46,32 @@ def test_autoattack_reaches_a_linear_models_exact_worst_case_and_pgd_does_not_be
     # No attack can go below the exact robust accuracy (the [0, 1] box only helps the model); AutoAttack reaches it.
     assert exact <= point["autoattack_acc"] <= exact + 1 / 60 + 1e-9
     assert point["autoattack_acc"] <= point["pgd_acc"] + 1e-9
-    assert "torchattacks" in results["attack"]
+    assert "torchattacks" in results["attack"] and "100 iterations, Square 5000 queries" in results["attack"]
 
 
-def test_an_unknown_version_is_refused_with_the_choices():
+def test_an_unknown_version_or_an_empty_budget_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="standard, plus or rand"):
         autoattack(model=["a=b"], version="fast")
+    with pytest.raises(ConfigError, match="--aa_steps and --aa_queries must be >= 1, got 0 and 5000"):
+        autoattack(model=["a=b"], aa_steps=0)
+
+
+def test_the_standard_suite_runs_the_originals_budgets_where_torchattacks_own_runs_10_iterations():
+    import torchattacks
+
+    from attacks.autoattack import autoattack_standard
+
+    model = build_model("linear")
+    ours = autoattack_standard(model, 0.5)
+    assert [type(a).__name__ for a in ours.attacks] == ["APGD", "APGDT", "FAB", "Square"]
+    assert [a.steps for a in ours.attacks[:3]] == [100, 100, 100] and ours.attacks[3].n_queries == 5000
+    assert ours.attacks[0].loss == "ce" and ours.attacks[2].multi_targeted
+    assert all(a.eps == 0.5 and a.norm == "L2" and a.n_restarts == 1 for a in ours.attacks)
+    # Why the suite composes its own: torchattacks' AutoAttack leaves the gradient attacks at 10 iterations
+    # (Harry24k/adversarial-attacks-pytorch#196). When this fails, torchattacks has changed: revisit the module.
+    theirs = torchattacks.AutoAttack(model, norm="L2", eps=0.5, version="standard", n_classes=10, seed=0)
+    assert [a.steps for a in theirs._autoattack.attacks[:3]] == [10, 10, 10]
+    assert autoattack_standard(model, 0.5, steps=3, queries=7).attacks[3].n_queries == 7
 
 
 def test_the_report_says_whether_d_rs_robustness_survives_autoattack():
