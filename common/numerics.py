@@ -1,14 +1,17 @@
 """``precision: auto``: the fastest correct numerics of the device a run is on, chosen when it starts.
 
-``auto`` resolves to ``bf16-mixed`` where the device computes bf16 natively and to ``32-true`` elsewhere:
+``auto`` resolves to ``bf16-mixed`` where bf16 is the fast path and to ``32-true`` elsewhere:
 
 - CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later);
-- CPU: oneDNN reports bf16 support (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``) **and** the CPU has bf16
-  arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo, where it can be read). The second condition is
-  the suite's: oneDNN also reports support on AVX-512 CPUs without bf16 instructions, where it emulates bf16,
-  and on the AVX2 machine of docs/NUMERICS.md bf16 ran 12-28x slower than fp32.
+- CPU: oneDNN reports bf16 support (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``) **and** the CPU's bf16
+  arithmetic was measured faster than fp32 for the suite's networks (docs/NUMERICS.md, bench/precision_speed.py):
+  AMX (``amx_bf16``), or ``avx512_bf16`` on an AMD CPU (the AMD EPYC of 2026-12-01: the fast CNN's attack 1.6-2.0x
+  fp32 + channels_last). Not on an Intel CPU with ``avx512_bf16`` but no AMX visible (the Xeon of 2026-12-07, whose
+  hypervisor hides AMX: oneDNN runs avx512_core_bf16 there, and the fast CNN trains at 0.73x and attacks at 0.81x
+  of fp32), nor where oneDNN would emulate bf16 (AVX-512 without bf16 instructions; the AVX2 machine, 12-28x
+  slower). Where /proc/cpuinfo cannot be read, oneDNN's word is taken.
 
-A pinned precision is kept; a pinned bf16 on a CPU without native bf16 gets a warning that says so.
+A pinned precision is kept; a pinned bf16 on a CPU where it is not the fast path gets a warning that says so.
 """
 
 from __future__ import annotations
@@ -20,27 +23,40 @@ import torch
 
 AUTO = "auto"
 BF16, FP32 = "bf16-mixed", "32-true"
-BF16_ISA = ("avx512_bf16", "amx_bf16")
 SLOW_BF16_WARNING = (
-    "precision {precision} on this CPU, which has no native bf16 ({why}): bf16 runs emulated, 12-28x slower than "
-    "32-true on the AVX2 machine of docs/NUMERICS.md. Use precision auto (or 32-true) unless you want bf16's rounding")
+    "precision {precision} on this CPU, where bf16 is not the fast path ({why}): emulated bf16 ran 12-28x slower than "
+    "32-true on the AVX2 machine of docs/NUMERICS.md, avx512_bf16 without AMX on an Intel Xeon 0.73x (training). "
+    "Use precision auto (or 32-true) unless you want bf16's rounding")
 
 
 class SlowPrecisionWarning(UserWarning):
-    """A pinned bf16 precision on a device that does not compute bf16 natively."""
+    """A pinned bf16 precision on a device where bf16 is not the fast path."""
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The ISA flags of /proc/cpuinfo; None where it cannot be read (not Linux)."""
+def cpu_info() -> tuple[str | None, frozenset[str] | None]:
+    """The vendor (``vendor_id``) and ISA flags of /proc/cpuinfo; None where they cannot be read (not Linux)."""
+    vendor = flags = None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
     except OSError:
-        return None
-    return None
+        return None, None
+    return vendor, flags
+
+
+def cpu_flags() -> frozenset[str] | None:
+    return cpu_info()[1]
+
+
+def cpu_vendor() -> str | None:
+    return cpu_info()[0]
 
 
 def _onednn_bf16() -> bool:
@@ -50,8 +66,8 @@ def _onednn_bf16() -> bool:
         return False
 
 
-def native_bf16(device_type: str) -> tuple[bool, str]:
-    """Whether ``device_type`` ("cpu", "cuda", ...) computes bf16 natively, and why (for the log line)."""
+def bf16_fast_path(device_type: str) -> tuple[bool, str]:
+    """Whether bf16 is the fast path on ``device_type`` ("cpu", "cuda", ...), and why (for the log line)."""
     if device_type == "cuda":
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
@@ -63,10 +79,15 @@ def native_bf16(device_type: str) -> tuple[bool, str]:
     flags = cpu_flags()
     if flags is None:
         return True, "oneDNN reports bf16 support (CPU flags unreadable)"
-    found = [f for f in BF16_ISA if f in flags]
-    if not found:
-        return False, "oneDNN reports bf16 support, but the CPU has neither avx512_bf16 nor amx_bf16"
-    return True, f"oneDNN bf16 with {' and '.join(found)}"
+    if "amx_bf16" in flags:
+        return True, "oneDNN bf16 with amx_bf16"
+    if "avx512_bf16" not in flags:
+        return False, "oneDNN reports bf16 support, but the CPU has neither avx512_bf16 nor amx_bf16: emulated"
+    vendor = cpu_vendor()
+    if vendor == "AuthenticAMD":
+        return True, "oneDNN bf16 with avx512_bf16 on AMD (attack measured 1.6-2.0x fp32)"
+    return False, (f"avx512_bf16 without AMX on {vendor or 'an unknown vendor'}: bf16 measured slower than fp32 "
+                   "on such a CPU (docs/NUMERICS.md)")
 
 
 def device_type_of(accelerator: object) -> str:
@@ -82,7 +103,7 @@ def device_type_of(accelerator: object) -> str:
 
 def resolve_precision(precision: object, device_type: str) -> tuple[str | int | None, str]:
     """The precision a run uses (``auto`` resolved for ``device_type``) and a line that says why."""
-    ok, why = native_bf16(device_type)
+    ok, why = bf16_fast_path(device_type)
     if precision == AUTO:
         chosen = BF16 if ok else FP32
         return chosen, f"precision auto -> {chosen} on {device_type} ({why})"

@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from common import progress
 from common.files import write_bytes_atomic
-from common.numerics import AUTO, device_type_of, native_bf16, resolve_precision
+from common.numerics import AUTO, bf16_fast_path, device_type_of, resolve_precision
 
 NUMERICS_JSON = "numerics.json"
 
@@ -68,7 +68,7 @@ class Trainer(pl.Trainer):
         """
         Args:
             accelerator: as Lightning's (``auto``, ``cpu``, ``gpu``, ...): also the device ``auto`` resolves for.
-            precision: ``auto`` (bf16-mixed where the device computes bf16 natively, else 32-true: see
+            precision: ``auto`` (bf16-mixed where bf16 is the measured fast path, else 32-true: see
                 common/numerics.py) or any precision Lightning takes, kept as given.
             callbacks: as Lightning's; the run's NumericsRecord is added.
             **kwargs: every other argument of ``pytorch_lightning.Trainer``.
@@ -78,7 +78,7 @@ class Trainer(pl.Trainer):
         rank_zero_info(why)
         # Plain str/bool values only: a checkpoint holding torch's TorchVersion would not load with weights_only.
         self.numerics = {"requested": str(precision), "precision": str(resolved), "device_type": device,
-                         "native_bf16": native_bf16(device)[0], "why": why, "torch": str(torch.__version__),
+                         "bf16_fast_path": bf16_fast_path(device)[0], "why": why, "torch": str(torch.__version__),
                          "machine": platform.machine()}
         listed = [callbacks] if isinstance(callbacks, pl.Callback) else list(callbacks or [])
         super().__init__(accelerator=accelerator, precision=resolved,

@@ -61,7 +61,7 @@ class ConstructedDataModule(CIFAR10DataModule):
                 the 50,000 CIFAR-10 training images). Under DDP it must be shared by all ranks.
             generation_precision: numerics of generation: ``trainer`` (the default: the trainer's precision, so
                 ``--trainer.precision`` sets both; 32-true without a trainer), ``32-true``, ``bf16-mixed``,
-                ``16-mixed`` or ``auto`` (bf16-mixed where the generating device computes bf16 natively, else
+                ``16-mixed`` or ``auto`` (bf16-mixed where bf16 is the generating device's measured fast path, else
                 32-true). The resolved value is what the cache key and the manifest hold. Autocast of the
                 forward; the iterate stays fp32.
                 A pinned bf16 is much slower than fp32 on CPUs without native bf16 (a warning says so).
