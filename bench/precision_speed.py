@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path)
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile (inductor) variants of the fp32 steps; their compile time is reported")
     args = p.parse_args(argv)
     x8, y8, _, _ = load_cifar10(Path(args.data_dir or os.environ.get("BOF_DATA_DIR", "data")) / "")
     x, y = x8[:args.batch].float().div(255), y8[:args.batch].long()
@@ -52,11 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     xc = x.contiguous(memory_format=CL)
 
-    def train(dtype: torch.dtype | None) -> None:
-        model.train()
+    def train(dtype: torch.dtype | None, net: torch.nn.Module = model) -> None:
+        net.train()
         for _ in range(args.steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                loss = F.cross_entropy(model(xc), y)
+                loss = F.cross_entropy(net(xc), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -73,6 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
                "attack fp32": lambda: attack(model, None), "attack bf16": lambda: attack(model, torch.bfloat16),
                "attack fp32, BN folded": lambda: attack(folded, None),
                "attack bf16, BN folded": lambda: attack(folded, torch.bfloat16)}
+    compile_seconds = {}
+    if args.compile:  # compiled once each (the first call, timed), then timed as the others
+        compiled_train, compiled_attack = torch.compile(model), torch.compile(folded)
+        for name, fn in (("train fp32, compiled", lambda: train(None, compiled_train)),
+                         ("attack fp32, BN folded, compiled", lambda: attack(compiled_attack, None))):
+            begin = time.monotonic()
+            fn()
+            compile_seconds[name] = round(time.monotonic() - begin, 1)
+            methods[name] = fn
     start = time.monotonic()
     times = round_robin(methods, args.reps, methods, None)
     images = args.batch * args.steps
@@ -85,7 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
               "ratios": {"train bf16 / fp32": rates["train bf16"] / rates["train fp32"],
                          "attack bf16 / fp32": rates["attack bf16"] / rates["attack fp32"],
                          "attack fp32 folded / unfolded": rates["attack fp32, BN folded"] / rates["attack fp32"],
-                         "attack bf16 folded / unfolded": rates["attack bf16, BN folded"] / rates["attack bf16"]},
+                         "attack bf16 folded / unfolded": rates["attack bf16, BN folded"] / rates["attack bf16"],
+                         **({"train compiled / eager (fp32)": rates["train fp32, compiled"] / rates["train fp32"],
+                             "attack compiled / eager (fp32, folded)":
+                                 rates["attack fp32, BN folded, compiled"] / rates["attack fp32, BN folded"]}
+                            if args.compile else {})},
+              "compile_seconds": compile_seconds,
               "seconds": round(time.monotonic() - start, 1),
               "command": "python bench/precision_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     text = json.dumps(result, indent=1)
