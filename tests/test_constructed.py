@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from helpers import N, Synthetic, experiment_configs, save_released, write_checkpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from common.errors import ConfigError
 from datamodules import (
     CacheWarning,
     CIFAR10DataModule,
@@ -32,6 +33,7 @@ from datamodules.constructed.recipes import other_positions
 from datamodules.constructed.store import tensor_sha256
 from lightning_modules import ClassifierModule
 from models import load_source
+from models.fusion import fold_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -370,6 +372,31 @@ def test_bf16_gives_the_labels_and_nearly_the_images_of_fp32(real_source, tmp_pa
     assert (fp32.train[0] - bf16.train[0]).pow(2).mean().sqrt() < 1 / 255  # RMS: under one 8-bit grey level
     success = [dm.constructed.stats["attack_success"] for dm in (fp32, bf16)]
     assert (success[0] == success[1]).float().mean() >= 0.9
+
+
+def test_folded_batchnorm_makes_its_own_key_and_nearly_the_same_dataset(real_source, tmp_path, data_dir):
+    def make(fold: bool) -> ConstructedDataModule:
+        return built(ConstructedDataModule([str(real_source)], RelabelByAttack("shift", steps=5),
+                                           data_dir=str(data_dir), train_size=40, cache_dir=str(tmp_path),
+                                           generation_fold_batchnorm=fold, progress_bar=False))
+
+    assert fold_batchnorm(load_source(real_source).model)[1] > 0  # there is something to fold
+    plain, folded = make(False), make(True)
+    assert plain.constructed.directory != folded.constructed.directory  # it rounds differently: its own key
+    assert folded.constructed.manifest["numerics"]["fold_batchnorm"] is True
+    assert "fold_batchnorm" not in plain.constructed.manifest["numerics"]  # older keys stay as they were
+    assert torch.equal(plain.train[1], folded.train[1])
+    clean = plain.clean_train[0].float() / 255
+    moved = (plain.train[0] - clean).flatten(1).norm(dim=1)
+    assert moved.mean() > 0.3
+    assert (plain.train[0] - folded.train[0]).pow(2).mean().sqrt() < 0.05 / 255  # far below one grey level
+    success = [dm.constructed.stats["attack_success"] for dm in (plain, folded)]
+    assert (success[0] == success[1]).float().mean() >= 0.95
+
+
+def test_fold_batchnorm_must_be_a_boolean(ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="generation_fold_batchnorm must be true or false"):
+        synthetic(ckpt, tmp_path, generation_fold_batchnorm="yes")
 
 
 # ------------------------------------------------------------------------------------------------ configs

@@ -39,6 +39,7 @@ from common.tensors import as_float_images, world_info
 from datamodules.constructed.recipes import Batch, Recipe, RecipeOutput
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
 from models import Source
+from models.fusion import fold_batchnorm
 
 TRAINER = "trainer"  # generation_precision that follows the trainer's (resolved) precision
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -102,6 +103,7 @@ class GenerationSpec:
     batch_size: int = 250  # images per batch; kernels may round differently at another batch size
     seed: int = 0  # of the per-example generators (example_generator)
     channels_last: bool = False  # memory format of the source models
+    fold_batchnorm: bool = False  # BatchNorm folded into the convolutions (models/fusion.py); rounds differently
     shard_size: int = 1000  # examples per shard, the unit of resuming and of the split over ranks
 
     def __post_init__(self) -> None:
@@ -113,6 +115,9 @@ class GenerationSpec:
             if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
                 kind = f"an int >= {low}" if low is not None else "an int"
                 raise ConfigError(f"{name} must be {kind}, got {value!r}; fix data.init_args.{name}")
+        if not isinstance(self.fold_batchnorm, bool):
+            raise ConfigError(f"generation_fold_batchnorm must be true or false, got {self.fold_batchnorm!r}; fix "
+                              "data.init_args.generation_fold_batchnorm")
 
     def following(self, trainer_precision: str | None) -> GenerationSpec:
         """This spec with ``trainer`` replaced by the trainer's precision (``32-true`` without a trainer), so that
@@ -168,6 +173,8 @@ class GenerationJob:
         numerics = {"precision": spec.precision, "device_type": self.device.type, "channels_last": spec.channels_last}
         if (threads := intra_op_threads(self.device)) is not None:  # absent on GPUs: their keys stay unchanged
             numerics["intra_op_threads"] = threads
+        if spec.fold_batchnorm:  # only when on: the keys of datasets generated before the option existed stay
+            numerics["fold_batchnorm"] = True
         return {
             "sources": [s.sha256 for s in self.sources],
             "recipe": self.recipe.describe(),
@@ -314,6 +321,8 @@ def generate_missing(job: GenerationJob, store: ShardStore, shards: list[range],
     Shards whose lock is free are done first; those another job is generating are waited for afterwards and
     then reused (or generated, if that job died)."""
     models = [s.model.to(job.device) for s in job.sources]
+    if job.spec.fold_batchnorm:
+        models = [fold_batchnorm(m)[0] for m in models]
     if job.spec.channels_last:
         models = [m.to(memory_format=torch.channels_last) for m in models]
     generated = 0
