@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     rate = {n: args.images * recipe.steps / median(s) for n, s in seconds.items()}
     a, b = (outputs[n] for n in VARIANTS)
     result = {
-        "machine": machine_info(), "command": "python -m bench.generation_fold " + " ".join(argv or []),
+        "machine": machine_info(), "command": "python -m bench.generation_fold " + " ".join(sys.argv[1:] if argv is None else argv),
         "source": str(args.source), "batchnorms_folded": n_folded, "images": args.images, "reps": args.reps,
         "image_steps_per_second": rate, "spread": {n: spread(s) for n, s in seconds.items()},
         "speedup_folded": rate[VARIANTS[1]] / rate[VARIANTS[0]],

@@ -120,7 +120,7 @@ def print_status(args: argparse.Namespace) -> dict:
     records = [read_json(Path(args.out) / s.name / "stage.json") or {} for s in stages]
     extra = next((r["extra_args"] for r in records if r.get("extra_args") is not None), [])
     print(f"reproduction {info['id']} (preset {name}) in {args.out}:")
-    print(status(Path(args.out), stages, extra))
+    print(status(Path(args.out), stages, extra, jobs=info.get("jobs", 1)))
     return {}
 
 

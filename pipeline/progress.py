@@ -7,7 +7,8 @@ once from another terminal or after the run (:func:`status`), reading files only
 
 The time left: the remaining stages' compute (pipeline/cost.py) at the rate the finished stages of this run
 achieved (their FLOPs over their seconds); before any stage has finished, at the machine's matrix-multiply rate,
-which makes it a floor.
+which makes it a floor. With ``--jobs N`` it is wall-clock time: the stages still to run are laid out on N slots in
+the runner's order, each starting when its inputs are done (:func:`wall_clock`).
 """
 
 from __future__ import annotations
@@ -82,11 +83,35 @@ def minutes(seconds: float | None) -> str:
     return "" if seconds is None else f"{seconds / 60:.1f} min"
 
 
-class Estimate:
-    """Seconds left, from each stage's FLOPs (computed once: it parses every command) and the run's rate."""
+def wall_clock(work: dict[str, float], running: Sequence[str], deps: dict[str, Sequence[str]], jobs: int) -> float:
+    """Seconds until the stages in ``work`` (seconds of work left each) are all done on ``jobs`` slots, scheduled as
+    the runner does: the ``running`` ones hold a slot from now; whenever a slot is free, the first stage in
+    ``work``'s order whose inputs are all done starts on it. One slot: the sum of the work."""
+    now, finish = 0.0, {name: work[name] for name in running}
+    active = dict(finish)
+    pending = [name for name in work if name not in finish]
 
-    def __init__(self, stages: Sequence[Stage], out: Path, extra_args: Sequence[str]) -> None:
+    def ready(name: str) -> bool:  # a dependency outside ``work`` is done already
+        return all(d not in work or (d in finish and finish[d] <= now) for d in deps.get(name, ()))
+
+    while pending:
+        for name in [n for n in pending if ready(n)][: jobs - len(active)]:
+            active[name] = finish[name] = now + work[name]
+            pending.remove(name)
+        if not active:  # nothing can start (an input is missing): count the rest one after another
+            return max(finish.values(), default=now) + sum(work[n] for n in pending)
+        now = min(active.values())
+        active = {n: t for n, t in active.items() if t > now}
+    return max(finish.values(), default=0.0)
+
+
+class Estimate:
+    """Seconds left, from each stage's FLOPs (computed once: it parses every command) and the run's rate, on
+    ``jobs`` slots (``--jobs``)."""
+
+    def __init__(self, stages: Sequence[Stage], out: Path, extra_args: Sequence[str], jobs: int = 1) -> None:
         self.stages, self.out, self.extra_args = list(stages), Path(out), list(extra_args)
+        self.jobs = max(1, int(jobs))
         self.flops: dict[str, float] | None = None
         self.floor_rate: float | None = None
 
@@ -112,15 +137,18 @@ class Estimate:
             rate, basis = self.floor_rate, "a floor: at the matmul rate, no stage has finished yet"
         else:
             return None, ""
-        left = 0.0
+        work, running = {}, []
         for s in states:
             if s["state"] == "done":
                 continue
-            work = self.flops.get(s["name"], 0.0) / rate
-            if s["state"] == "running" and s.get("seconds"):
-                work = max(0.0, work - s["seconds"])
-            left += work
-        return left, basis
+            work[s["name"]] = self.flops.get(s["name"], 0.0) / rate
+            if s["state"] == "running":
+                running.append(s["name"])
+                work[s["name"]] = max(0.0, work[s["name"]] - (s.get("seconds") or 0.0))
+        deps = {stage.name: stage.deps for stage in self.stages}
+        if self.jobs > 1:
+            basis += f", {self.jobs} stages at a time"
+        return wall_clock(work, running, deps, self.jobs), basis
 
 
 def picture(out: Path, stages: Sequence[Stage], estimate: Estimate | None = None) -> list[str]:
@@ -142,9 +170,9 @@ def picture(out: Path, stages: Sequence[Stage], estimate: Estimate | None = None
     return [*lines, f"{summary}; the reproduction is {state}"]
 
 
-def status(out: Path, stages: Sequence[Stage], extra_args: Sequence[str] = ()) -> str:
+def status(out: Path, stages: Sequence[Stage], extra_args: Sequence[str] = (), jobs: int = 1) -> str:
     """``reproduce --status``: the picture, once."""
-    estimate = Estimate(stages, out, extra_args)
+    estimate = Estimate(stages, out, extra_args, jobs)
     estimate.compute()
     return "\n".join(picture(out, stages, estimate))
 
@@ -163,11 +191,11 @@ class Watcher:
 
     def __init__(self, out: Path, stages: Sequence[Stage], extra_args: Sequence[str] = (),
                  echo: Callable[[str], None] = print, every_s: float | None = None,
-                 terminal: bool | None = None) -> None:
+                 terminal: bool | None = None, jobs: int = 1) -> None:
         self.out, self.stages, self.echo = Path(out), list(stages), echo
         self.terminal = sys.stdout.isatty() if terminal is None else terminal
         self.every_s = every_s if every_s is not None else (TERMINAL_REFRESH_S if self.terminal else PLAIN_EVERY_S)
-        self.estimate = Estimate(stages, out, extra_args)
+        self.estimate = Estimate(stages, out, extra_args, jobs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reproduce-progress", daemon=True)
         self._shown: dict[str, str] = {}

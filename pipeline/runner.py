@@ -353,7 +353,8 @@ class Runner:
             if self.launch.kind == "torchrun" and self.launch.nodes > 1:  # the other nodes follow our launches
                 self._publisher = Publisher(self.out, self.launch.rdzv_id)
             finished = False
-            watcher = Watcher(self.out, self.selected, self.extra_args, self.echo) if self.watch else nullcontext()
+            watcher = (Watcher(self.out, self.selected, self.extra_args, self.echo, jobs=self.jobs) if self.watch
+                       else nullcontext())
             try:
                 with watcher:
                     records = self._run_all(reproduction) if self.jobs == 1 else self._run_concurrently(reproduction)
@@ -437,8 +438,8 @@ class Runner:
         elif info.get("preset") != self.preset:
             raise PipelineError(f"{self.out} holds a reproduction of preset {info.get('preset')!r}, not "
                                 f"{self.preset!r}: choose another --out")
-        if "sources" not in info or info["sources"] != self.sources:  # this run's --use / --released
-            write_json_atomic(path, {**info, "sources": self.sources})
+        if info.get("sources") != self.sources or info.get("jobs") != self.jobs:  # this run's --use / --released,
+            write_json_atomic(path, {**info, "sources": self.sources, "jobs": self.jobs})  # --jobs for --status
         return info["id"]
 
     def _run_stage(self, decision: Decision, reproduction: str, machine_slice: dict[str, str] | None = None) -> dict:

@@ -12,7 +12,7 @@ import train
 from common import progress
 from common.files import FileLock
 from pipeline.presets import preset
-from pipeline.progress import Watcher, picture, running_here
+from pipeline.progress import Estimate, Watcher, picture, running_here, wall_clock
 from pipeline.stages import train_stage
 
 
@@ -174,3 +174,28 @@ def test_into_a_pipe_plain_lines_only_when_something_changed(tmp_path):
     assert 1 <= len(progress_lines) <= 5, lines  # at most one per change (5 steps), not one per redraw
     assert len(set(progress_lines)) == len(progress_lines)
     assert len(lines) <= 10, lines  # never a flood
+
+
+def test_time_left_is_wall_clock_on_the_jobs_slots_and_waits_for_inputs():
+    # a -> c, b -> d: two chains; on one slot the sum, on two the longer chain, never before an input is done
+    deps = {"c": ("a",), "d": ("b",), "e": ("c", "d")}
+    work = {"a": 10.0, "b": 4.0, "c": 5.0, "d": 1.0, "e": 2.0}
+    assert wall_clock(work, [], deps, 1) == pytest.approx(22.0)
+    assert wall_clock(work, [], deps, 2) == pytest.approx(17.0)  # a, c then e: 10 + 5 + 2
+    # b, d, then the slot waits: d starts at 4 when b is done, not after c
+    assert wall_clock({"a": 10.0, "b": 4.0, "c": 5.0, "d": 8.0}, [], deps, 2) == pytest.approx(15.0)
+    assert wall_clock(work, [], deps, 8) == pytest.approx(17.0)  # more slots cannot beat the critical path
+    assert wall_clock({"a": 3.0, "c": 5.0}, ["a"], deps, 2) == pytest.approx(8.0)  # c waits for the running a
+
+
+def test_the_estimate_of_a_two_job_run_is_its_longest_chain(tmp_path):
+    stages = [train_stage("a", "configs/mini/standard.yaml"), train_stage("b", "configs/mini/standard.yaml"),
+              train_stage("c", "configs/mini/d_det.yaml", deps=["a"])]
+    states = [{"name": "a", "state": "done", "seconds": 100.0}, {"name": "b", "state": "running", "seconds": 20.0},
+              {"name": "c", "state": "waiting", "seconds": None}]
+    one, two = Estimate(stages, tmp_path, []), Estimate(stages, tmp_path, [], jobs=2)
+    for estimate in (one, two):
+        estimate.flops = {"a": 1e12, "b": 1e12, "c": 2e12}  # 1e10 FLOP/s: a took 100 s
+    assert one.seconds_left(states)[0] == pytest.approx(80.0 + 200.0)
+    left, basis = two.seconds_left(states)
+    assert left == pytest.approx(200.0) and "2 stages at a time" in basis
