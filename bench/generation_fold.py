@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
                           warmups={n: (lambda n=n: generate_shard(jobs[n], [models[n]], warm)) for n in VARIANTS})
     rate = {n: args.images * recipe.steps / median(s) for n, s in seconds.items()}
     a, b = (outputs[n] for n in VARIANTS)
+    command = "python -m bench.generation_fold " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
-        "machine": machine_info(), "command": "python -m bench.generation_fold " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(), "command": command,
         "source": str(args.source), "batchnorms_folded": n_folded, "images": args.images, "reps": args.reps,
         "image_steps_per_second": rate, "spread": {n: spread(s) for n, s in seconds.items()},
         "speedup_folded": rate[VARIANTS[1]] / rate[VARIANTS[0]],
