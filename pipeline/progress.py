@@ -95,7 +95,7 @@ def wall_clock(work: dict[str, float], running: Sequence[str], deps: dict[str, S
         return all(d not in work or (d in finish and finish[d] <= now) for d in deps.get(name, ()))
 
     while pending:
-        for name in [n for n in pending if ready(n)][: jobs - len(active)]:
+        for name in [n for n in pending if ready(n)][: max(0, jobs - len(active))]:
             active[name] = finish[name] = now + work[name]
             pending.remove(name)
         if not active:  # nothing can start (an input is missing): count the rest one after another

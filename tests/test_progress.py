@@ -186,6 +186,8 @@ def test_time_left_is_wall_clock_on_the_jobs_slots_and_waits_for_inputs():
     assert wall_clock({"a": 10.0, "b": 4.0, "c": 5.0, "d": 8.0}, [], deps, 2) == pytest.approx(15.0)
     assert wall_clock(work, [], deps, 8) == pytest.approx(17.0)  # more slots cannot beat the critical path
     assert wall_clock({"a": 3.0, "c": 5.0}, ["a"], deps, 2) == pytest.approx(8.0)  # c waits for the running a
+    # more running than slots (a run with more --jobs): nothing else starts before one of them ends
+    assert wall_clock({"a": 3.0, "b": 4.0, "x": 1.0, "y": 1.0}, ["a", "b"], deps, 1) == pytest.approx(6.0)
 
 
 def test_the_estimate_of_a_two_job_run_is_its_longest_chain(tmp_path):
