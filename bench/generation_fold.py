@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CL, Cifar, machine_info, median, round_robin, spread
-from datamodules.constructed.engine import GenerationJob, GenerationSpec, generate_shard
+from bench.common import Cifar, machine_info, median, round_robin, spread
+from datamodules.constructed.engine import GenerationJob, GenerationSpec, generate_shard, prepared_models
 from datamodules.constructed.recipes import RelabelByAttack
 from models import load_source
 from models.fusion import fold_batchnorm
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     x, y = data.train_x[: args.images], data.train_y[: args.images]
     recipe = RelabelByAttack(targets="shift", eps=0.5, step_size=0.1, steps=10)
     model = load_source(args.source).model.eval()
-    folded, n_folded = fold_batchnorm(model)
-    models = {VARIANTS[0]: model.to(memory_format=CL), VARIANTS[1]: folded.to(memory_format=CL)}
+    n_folded = fold_batchnorm(model)[1]
     jobs = {name: GenerationJob(x, y, torch.arange(len(y)), sources=[], recipe=recipe, progress=False,
                                 spec=GenerationSpec(channels_last=True, fold_batchnorm=name == VARIANTS[1]))
             for name in VARIANTS}
+    models = {name: prepared_models([model], job.spec, job.device)[0] for name, job in jobs.items()}
     shard = range(len(y))
     outputs: dict[str, dict] = {}
 

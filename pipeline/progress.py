@@ -112,6 +112,7 @@ class Estimate:
     def __init__(self, stages: Sequence[Stage], out: Path, extra_args: Sequence[str], jobs: int = 1) -> None:
         self.stages, self.out, self.extra_args = list(stages), Path(out), list(extra_args)
         self.jobs = max(1, int(jobs))
+        self.deps = {stage.name: stage.deps for stage in self.stages}
         self.flops: dict[str, float] | None = None
         self.floor_rate: float | None = None
 
@@ -145,10 +146,9 @@ class Estimate:
             if s["state"] == "running":
                 running.append(s["name"])
                 work[s["name"]] = max(0.0, work[s["name"]] - (s.get("seconds") or 0.0))
-        deps = {stage.name: stage.deps for stage in self.stages}
         if self.jobs > 1:
             basis += f", {self.jobs} stages at a time"
-        return wall_clock(work, running, deps, self.jobs), basis
+        return wall_clock(work, running, self.deps, self.jobs), basis
 
 
 def picture(out: Path, stages: Sequence[Stage], estimate: Estimate | None = None) -> list[str]:

@@ -315,16 +315,23 @@ def preflight(job: GenerationJob, store: ShardStore, shards: list[range], todo: 
                          "disk with room, shared by all ranks> (data.init_args.cache_dir in a config).")
 
 
+def prepared_models(models: list, spec: GenerationSpec, device: torch.device) -> list:
+    """The source models as generation runs them: on ``device``, BatchNorm folded and channels_last as ``spec``
+    says (benchmarks call this too, so that they time what generation runs)."""
+    models = [m.to(device) for m in models]
+    if spec.fold_batchnorm:
+        models = [fold_batchnorm(m)[0] for m in models]
+    if spec.channels_last:
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    return models
+
+
 def generate_missing(job: GenerationJob, store: ShardStore, shards: list[range], todo: list[int], rank: int) -> int:
     """Generate the shards ``todo`` unless another process finishes them first; the examples generated here.
 
     Shards whose lock is free are done first; those another job is generating are waited for afterwards and
     then reused (or generated, if that job died)."""
-    models = [s.model.to(job.device) for s in job.sources]
-    if job.spec.fold_batchnorm:
-        models = [fold_batchnorm(m)[0] for m in models]
-    if job.spec.channels_last:
-        models = [m.to(memory_format=torch.channels_last) for m in models]
+    models = prepared_models([s.model for s in job.sources], job.spec, job.device)
     generated = 0
     batches = {i: -(-len(shards[i]) // job.spec.batch_size) for i in todo}
     with Progress(disable=not job.progress or rank != 0) as progress:
