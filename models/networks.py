@@ -146,7 +146,11 @@ class PatchWhitening(nn.Module):
         if self.training and not bool(self.fitted):
             raise RuntimeError("PatchWhitening was never fitted: call model.fit_whitening(train_images) before "
                                "training (ClassifierModule does it at the start of fit)")
-        return nn.functional.gelu(self.conv(x))
+        # fp32 under any autocast: the gains (up to 1/sqrt(eps), 45x) would amplify bf16's rounding of the input in
+        # exactly the faint directions the constructed datasets plant (docs/NUMERICS.md). 1.4% of the fast CNN's
+        # FLOPs; under 32-true nothing changes.
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.gelu(self.conv(x.float()))
 
 
 def fast_cnn_body(in_channels: int, widths: Sequence[int] = (32, 64, 128), pool: str = "max",

@@ -78,6 +78,36 @@ def test_patch_whitening_whitens_the_patches_it_was_fitted_on(cifar):
     assert "body.0.fitted" in model.state_dict() and "body.0.conv.weight" in model.state_dict()
 
 
+def test_patch_whitening_computes_in_fp32_under_bf16_autocast(cifar):
+    """Its 45x gains would amplify bf16's rounding of the input (docs/NUMERICS.md): under autocast the layer's
+    output is the fp32 computation itself, and the whitened network's input gradient stays nearer fp32's than
+    with the layer in bf16."""
+
+    images = cifar[0][:256].float() / 255
+    model = build_model("fast_cnn", whiten=True).eval()
+    model.fit_whitening(images)
+    layer = next(m for m in model.modules() if isinstance(m, PatchWhitening))
+    x = model.normalize(images)
+    with torch.no_grad():
+        fp32 = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = layer(x)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, fp32)
+
+    def input_gradient(bf16: bool, layer_in_bf16: bool = False) -> torch.Tensor:
+        xi = images.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            h = model.normalize(xi)
+            h = torch.nn.functional.gelu(layer.conv(h)) if layer_in_bf16 else layer(h)  # the layer as autocast has it
+            logits = model.head(model.body[1:](h))
+        return torch.autograd.grad(logits.float().logsumexp(1).sum(), xi)[0].flatten(1)
+
+    reference = input_gradient(bf16=False)
+    cosine = {in_bf16: torch.nn.functional.cosine_similarity(input_gradient(True, in_bf16), reference).mean().item()
+              for in_bf16 in (False, True)}
+    assert cosine[False] > cosine[True], cosine
+
+
 def test_whiten_eps_sets_how_much_the_stem_amplifies_low_variance_directions(cifar):
     """Each whitened direction comes out with variance eigenvalue / (eigenvalue + eps): airbench's 5e-4 lifts the
     high-frequency directions to ~1, a large eps leaves them far below the dominant direction."""
