@@ -7,12 +7,19 @@ from bench.attack_speed import OURS, OURS_BF16, OURS_CL, OURS_FP32, ROBUSTNESS, 
 from bench.common import native_bf16
 from bench.generation_speed import ONE as ONE_PROCESS
 from bench.generation_speed import TWO as TWO_PROCESSES
+from common.numerics import bf16_fast_path
 
 ARCH_NAMES = {"fast_cnn": "fast CNN (widths 32/64/128)", "resnet18": "CIFAR ResNet-18"}
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
-SPEEDUP_TARGET, SUCCESS_TOLERANCE = 4.0, 0.02  # ours (default numerics) vs torchattacks fp32
+# The speed issue's floors: ours with the numerics `precision: auto` picks vs torchattacks fp32, per network
+SPEEDUP_TARGETS, SUCCESS_TOLERANCE = {"fast_cnn": 5.0, "resnet18": 3.0}, 0.02
 LIGHTNING_TOLERANCE = 0.10
-PEAK_TARGET = 0.40
+PEAK_TARGET = 0.70  # the fast CNN's attack step against the bf16 matrix-multiply rate
+
+
+def default_method() -> str:
+    """The attack numerics that ``precision: auto`` resolves to on this machine (common/numerics.py)."""
+    return OURS_BF16 if bf16_fast_path("cpu")[0] else OURS_CL
 
 
 def _fmt_rate(v: float) -> str:
@@ -43,16 +50,18 @@ def _fp32_gap_reason(results: dict, ratio: float, ours: dict, theirs: dict) -> s
 def _attack_targets(results: dict) -> list[dict]:
     out = []
     isa = results["machine"]["isa"]
+    default = default_method()
     for arch, by_norm in results.get("attacks", {}).items():
+        target = SPEEDUP_TARGETS.get(arch, max(SPEEDUP_TARGETS.values()))
         for norm, m in by_norm.items():
             where = f"{ARCH_NAMES.get(arch, arch)}, {NORM_NAMES[norm]}"
             ta = m[TORCHATTACKS]
-            bf16, fp32, cl = m[OURS_BF16], m[OURS_FP32], m[OURS_CL]
-            speedup = bf16["image_steps_per_s"] / ta["image_steps_per_s"]
-            gap = abs(bf16["success_rate"] - ta["success_rate"])
-            ok = speedup >= SPEEDUP_TARGET and gap <= SUCCESS_TOLERANCE
+            ours, fp32, cl, bf16 = m[default], m[OURS_FP32], m[OURS_CL], m[OURS_BF16]
+            speedup = ours["image_steps_per_s"] / ta["image_steps_per_s"]
+            gap = abs(ours["success_rate"] - ta["success_rate"])
+            ok = speedup >= target and gap <= SUCCESS_TOLERANCE
             reasons = []
-            if speedup < SPEEDUP_TARGET:
+            if speedup < target:
                 slow = cl["image_steps_per_s"] / bf16["image_steps_per_s"]
                 if slow > 1 and not native_bf16(isa):
                     reasons.append(
@@ -66,15 +75,16 @@ def _attack_targets(results: dict) -> list[dict]:
                         f"{cl['image_steps_per_s'] / ta['image_steps_per_s']:.2f}x torchattacks, which is what the "
                         "mini configs use.")
                 else:
-                    reasons.append(f"speed-up {speedup:.2f}x < {SPEEDUP_TARGET:g}x; see the profile in section 4.")
+                    reasons.append(f"speed-up {speedup:.2f}x < {target:g}x; see section 3 (the step's share of the "
+                                   "matrix-multiply rate) and the profile in section 4.")
             if gap > SUCCESS_TOLERANCE:
                 reasons.append(f"success rates differ by {gap * 100:.1f} points "
-                               f"({bf16['success_rate']:.3f} vs {ta['success_rate']:.3f}).")
-            out.append({"target": f"{where}: ours with default numerics (bf16 autocast + channels_last) >= "
-                                  f"{SPEEDUP_TARGET:g}x torchattacks fp32, success within "
+                               f"({ours['success_rate']:.3f} vs {ta['success_rate']:.3f}).")
+            out.append({"target": f"{where}: ours with auto's numerics on this machine ({default}) >= "
+                                  f"{target:g}x torchattacks fp32, success within "
                                   f"{SUCCESS_TOLERANCE * 100:g} points",
                         "passed": ok,
-                        "measured": f"{speedup:.2f}x, success {bf16['success_rate']:.3f} vs {ta['success_rate']:.3f}",
+                        "measured": f"{speedup:.2f}x, success {ours['success_rate']:.3f} vs {ta['success_rate']:.3f}",
                         "reason": " ".join(reasons)})
             ratio = fp32["image_steps_per_s"] / ta["image_steps_per_s"]
             out.append({"target": f"{where}: ours fp32 >= torchattacks fp32 (same model, contiguous)",
