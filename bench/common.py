@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.numerics import AUTO, resolve_precision
 from datamodules.augment import random_crop_flip
 from datamodules.base import TensorBatches
 from datamodules.cifar10 import load_cifar10
@@ -110,6 +111,7 @@ def machine_info() -> dict:
         "isa": {flag: flag in flags for flag in ISA_FLAGS},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn_bf16_supported": mkldnn_bf16_supported(),
+        "auto_precision": resolve_precision(AUTO, "cpu")[0],  # what `precision: auto` means on this CPU
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

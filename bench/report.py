@@ -7,7 +7,7 @@ from bench.attack_speed import OURS, OURS_BF16, OURS_CL, OURS_FP32, ROBUSTNESS, 
 from bench.common import native_bf16
 from bench.generation_speed import ONE as ONE_PROCESS
 from bench.generation_speed import TWO as TWO_PROCESSES
-from common.numerics import bf16_fast_path
+from common.numerics import BF16
 
 ARCH_NAMES = {"fast_cnn": "fast CNN (widths 32/64/128)", "resnet18": "CIFAR ResNet-18"}
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
@@ -17,9 +17,10 @@ LIGHTNING_TOLERANCE = 0.10
 PEAK_TARGET = 0.70  # the fast CNN's attack step against the bf16 matrix-multiply rate
 
 
-def default_method() -> str:
-    """The attack numerics that ``precision: auto`` resolves to on this machine (common/numerics.py)."""
-    return OURS_BF16 if bf16_fast_path("cpu")[0] else OURS_CL
+def default_method(machine: dict) -> str:
+    """The attack numerics that ``precision: auto`` resolved to on the machine of the results; results written
+    before machine_info recorded it were judged with bf16 as the default, and still are."""
+    return OURS_BF16 if machine.get("auto_precision", BF16) == BF16 else OURS_CL
 
 
 def _fmt_rate(v: float) -> str:
@@ -50,7 +51,7 @@ def _fp32_gap_reason(results: dict, ratio: float, ours: dict, theirs: dict) -> s
 def _attack_targets(results: dict) -> list[dict]:
     out = []
     isa = results["machine"]["isa"]
-    default = default_method()
+    default = default_method(results["machine"])
     for arch, by_norm in results.get("attacks", {}).items():
         target = SPEEDUP_TARGETS.get(arch, max(SPEEDUP_TARGETS.values()))
         for norm, m in by_norm.items():
