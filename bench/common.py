@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.numerics import AUTO, resolve_precision
+from common.numerics import AUTO, onednn_bf16, proc_cpuinfo, resolve_precision
 from datamodules.augment import random_crop_flip
 from datamodules.base import TensorBatches
 from datamodules.cifar10 import load_cifar10
@@ -74,43 +74,21 @@ def round_robin(
 # ------------------------------------------------------------------------------------------------ machine
 
 
-def cpu_description() -> tuple[str, set[str]]:
-    """(model name, ISA flags) from /proc/cpuinfo (platform.processor() elsewhere)."""
-    name, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name is None:
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return name or platform.processor() or "unknown", flags
-
-
 def machine_info() -> dict:
     import pytorch_lightning
     import torchattacks
 
-    name, flags = cpu_description()
-    physical = None
-    try:  # cores per socket x sockets, when lscpu-style fields are there
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        cores = {line.split(":")[1].strip() for line in text.splitlines() if line.startswith("cpu cores")}
-        physical = int(next(iter(cores))) if len(cores) == 1 else None
-    except (OSError, ValueError):
-        pass
+    fields = proc_cpuinfo() or {}
+    flags = set(fields.get("flags", "").split())
+    cores = fields.get("cpu cores")  # physical cores per socket, where /proc/cpuinfo says
     return {
-        "cpu": name,
+        "cpu": fields.get("model name") or platform.processor() or "unknown",
         "logical_cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "physical_cores_per_socket": physical,
+        "physical_cores_per_socket": int(cores) if cores and cores.isdigit() else None,
         "isa": {flag: flag in flags for flag in ISA_FLAGS},
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkldnn_bf16_supported": mkldnn_bf16_supported(),
+        "mkldnn_bf16_supported": onednn_bf16(),
         "auto_precision": resolve_precision(AUTO, "cpu")[0],  # what `precision: auto` means on this CPU
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -121,14 +99,6 @@ def machine_info() -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
-def mkldnn_bf16_supported() -> bool | None:
-    """Whether PyTorch runs bf16 convolutions / matmuls through oneDNN on this CPU (else ATen fallbacks)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def native_bf16(isa: dict[str, bool]) -> bool:

@@ -34,21 +34,32 @@ class SlowPrecisionWarning(UserWarning):
 
 
 @functools.cache
-def cpu_info() -> tuple[str | None, frozenset[str] | None]:
-    """The vendor (``vendor_id``) and ISA flags of /proc/cpuinfo; None where they cannot be read (not Linux)."""
-    vendor = flags = None
+def proc_cpuinfo() -> dict[str, str] | None:
+    """The first CPU's fields of /proc/cpuinfo (``vendor_id``, ``model name``, ``flags``, ``cpu cores``, ...);
+    None where it cannot be read (not Linux). The one reader of that file (the benchmarks describe the machine
+    with it too)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
+                if not line.strip():  # the blank line after the first processor's block
+                    if fields:
+                        break
+                    continue
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id" and vendor is None:
-                    vendor = value.strip()
-                elif key.strip() == "flags":
-                    flags = frozenset(value.split())
-                    break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
+        return None
+    return fields
+
+
+def cpu_info() -> tuple[str | None, frozenset[str] | None]:
+    """The vendor (``vendor_id``) and ISA flags of /proc/cpuinfo; None where they cannot be read."""
+    fields = proc_cpuinfo()
+    if fields is None:
         return None, None
-    return vendor, flags
+    flags = fields.get("flags")
+    return fields.get("vendor_id"), None if flags is None else frozenset(flags.split())
 
 
 def cpu_flags() -> frozenset[str] | None:
@@ -59,7 +70,8 @@ def cpu_vendor() -> str | None:
     return cpu_info()[0]
 
 
-def _onednn_bf16() -> bool:
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions and matmuls natively on this CPU (else it would emulate them)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -74,7 +86,7 @@ def bf16_fast_path(device_type: str) -> tuple[bool, str]:
         return ok, f"{name}: {'bf16 supported' if ok else 'no bf16'}"
     if device_type != "cpu":
         return False, f"{device_type}: the suite picks fp32 there"
-    if not _onednn_bf16():
+    if not onednn_bf16():
         return False, "oneDNN reports no bf16 support"
     flags = cpu_flags()
     if flags is None:

@@ -19,11 +19,24 @@ TINY = {"arch": "fast_cnn", "num_classes": 10, "in_channels": 3, "mean": [0.5, 0
 N = 64  # synthetic training images
 
 
-def write_checkpoint(path: Path, seed: int = 0, nan: bool = False, **hparams) -> Path:
-    """A checkpoint as Lightning writes it for ClassifierModule (hyperparameters + ``model.``-prefixed weights)."""
+def with_bn_statistics(model: nn.Module, seed: int) -> nn.Module:
+    """Give every BatchNorm running statistics far from their initial (0, 1), then freeze in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(0.3 * torch.randn(module.running_mean.shape, generator=gen))
+            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
+    return model.eval().requires_grad_(False)
+
+
+def write_checkpoint(path: Path, seed: int = 0, nan: bool = False, bn_statistics: bool = False, **hparams) -> Path:
+    """A checkpoint as Lightning writes it for ClassifierModule (hyperparameters + ``model.``-prefixed weights);
+    ``bn_statistics``: BatchNorm running statistics far from their initial values (so that folding them matters)."""
     hp = {**TINY, **hparams}
     torch.manual_seed(seed)
     model = build_model(hp["arch"], hp["num_classes"], hp["in_channels"], hp["mean"], hp["std"], **hp["arch_kwargs"])
+    if bn_statistics:
+        model = with_bn_statistics(model, seed)
     if nan:
         model.head.bias.data[3] = float("nan")
     torch.save({"hyper_parameters": hp, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
@@ -31,13 +44,26 @@ def write_checkpoint(path: Path, seed: int = 0, nan: bool = False, **hparams) ->
 
 
 class Synthetic(ConstructedDataModule):
-    """64 random 16x16 training images (and 20 test images): unit-test data only."""
+    """``n_train`` random 16x16 training images (and ``n_test`` test images): unit-test data only."""
+
+    n_train, n_test = N, 20
 
     def load(self):
         gen = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 256, (N + 20, 3, 16, 16), dtype=torch.uint8, generator=gen)
-        y = torch.arange(N + 20) % 10
-        return x[:N], y[:N], x[N:], y[N:]
+        n = self.n_train
+        x = torch.randint(0, 256, (n + self.n_test, 3, 16, 16), dtype=torch.uint8, generator=gen)
+        y = torch.arange(n + self.n_test) % 10
+        return x[:n], y[:n], x[n:], y[n:]
+
+
+class Payload:
+    """Unpickling this object would create ``marker``: what a malicious file could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
 
 
 def save_released(folder: Path, n_parts: int = 3, legacy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,23 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import experiment_configs
+from helpers import Payload, experiment_configs
 
 from lightning_modules.cli import run_cli
 from pipeline.cli import main as reproduce
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [*experiment_configs("standard"), "--config", str(REPO / "configs/ci/tiny.yaml")]
-
-
-class Payload:
-    """Unpickling this creates ``marker``: the code a malicious checkpoint would run."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 def malicious_checkpoint(path: Path, marker: Path) -> Path:

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import N, Synthetic, experiment_configs, save_released, write_checkpoint
+from helpers import N, Payload, Synthetic, experiment_configs, save_released, write_checkpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from common.errors import ConfigError
@@ -284,20 +284,10 @@ def test_released_dataset_loads_as_concatenated_lists_and_trains_against_the_rea
         load_released(tmp_path / "ddet_CIFAR")
 
 
-class _Payload:
-    """Unpickling this object would create ``marker``: what a malicious file could do instead."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
 def test_released_loader_refuses_files_that_need_arbitrary_unpickling(tmp_path):
     folder, marker = tmp_path / "evil", tmp_path / "pwned"
     save_released(folder)
-    torch.save([torch.rand(2, 3, 32, 32), _Payload(marker)], folder / "CIFAR_ims")
+    torch.save([torch.rand(2, 3, 32, 32), Payload(marker)], folder / "CIFAR_ims")
     with pytest.raises(UnsafeFileError, match="arbitrary unpickling"):
         load_released(folder)
     assert not marker.exists()

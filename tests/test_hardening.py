@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import experiment_configs, save_released, write_checkpoint
+from helpers import Payload, experiment_configs, save_released, write_checkpoint
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import datamodules.constructed.store as store_module
@@ -637,16 +637,6 @@ def test_balanced_subset_names_a_class_too_small_for_its_share():
 
 
 # -------------------------------------------------------------------------------------- untrusted files (6)
-
-
-class Payload:
-    """Unpickling this object would create ``marker``: what a malicious file could do instead."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 def malicious_checkpoint(path: Path, marker: Path) -> Path:

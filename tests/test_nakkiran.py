@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import train_tiny
+from helpers import train_tiny, with_bn_statistics, write_checkpoint
 from torch import nn
 
 from attacks import (
@@ -20,25 +21,12 @@ from attacks import (
     pgd,
     transfer_report,
 )
-from datamodules import ConstructedDataModule, NonTransferableAttack, RelabelByAttack
+from datamodules import NonTransferableAttack, RelabelByAttack
 from datamodules.constructed import example_generator
 from datamodules.constructed.recipes import Batch
 from models import build_model
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = {"arch": "fast_cnn", "num_classes": 10, "in_channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-        "arch_kwargs": {"widths": [8, 16, 32]}}
 N = 48  # synthetic training images of the engine tests
-
-
-def with_bn_statistics(model: nn.Module, seed: int) -> nn.Module:
-    """Give every BatchNorm running statistics far from their initial (0, 1), then freeze in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(0.3 * torch.randn(module.running_mean.shape, generator=gen))
-            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
-    return model.eval().requires_grad_(False)
 
 
 def fast_cnns(k: int, seed: int = 0, **arch_kwargs) -> list[nn.Module]:
@@ -206,30 +194,14 @@ def test_non_transferable_attack_keeps_the_ensemble_on_the_true_label_and_still_
 # ------------------------------------------------------------------------------------------------- recipes
 
 
-def write_checkpoint(path: Path, seed: int) -> Path:
-    """A checkpoint as Lightning writes it for ClassifierModule, BN statistics included."""
-    torch.manual_seed(seed)
-    model = with_bn_statistics(build_model(TINY["arch"], TINY["num_classes"], TINY["in_channels"], TINY["mean"],
-                                           TINY["std"], **TINY["arch_kwargs"]), seed)
-    torch.save({"hyper_parameters": TINY, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
-               path)
-    return path
-
-
-class Synthetic(ConstructedDataModule):
-    """48 random 16x16 training images (and 10 test images): unit-test data only."""
-
-    def load(self):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 256, (N + 10, 3, 16, 16), dtype=torch.uint8, generator=gen)
-        y = torch.arange(N + 10) % 10
-        return x[:N], y[:N], x[N:], y[N:]
+class Synthetic(helpers.Synthetic):
+    n_train, n_test = N, 10
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("sources")
-    return [str(write_checkpoint(root / f"seed_{i}.ckpt", seed=i)) for i in range(3)]
+    return [str(write_checkpoint(root / f"seed_{i}.ckpt", seed=i, bn_statistics=True)) for i in range(3)]
 
 
 def built(sources: list[str], recipe, cache: Path, **kw) -> Synthetic:

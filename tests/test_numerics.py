@@ -25,7 +25,7 @@ from pipeline.stages import measure_stage, stage_key, train_stage
 
 def machine(monkeypatch, onednn: bool, flags: set[str] | None, vendor: str | None = "AuthenticAMD") -> None:
     """Pretend to be a CPU on which oneDNN does (not) report bf16, with this /proc/cpuinfo vendor and flags."""
-    monkeypatch.setattr(numerics, "_onednn_bf16", lambda: onednn)
+    monkeypatch.setattr(numerics, "onednn_bf16", lambda: onednn)
     monkeypatch.setattr(numerics, "cpu_info", lambda: (vendor, None if flags is None else frozenset(flags)))
 
 
