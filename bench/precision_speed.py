@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path)
     p.add_argument("--compile", action="store_true",
-                   help="add torch.compile (inductor) variants of the fp32 steps; their compile time is reported")
+                   help="add torch.compile (inductor) variants of the fp32 and bf16 steps; their compile time "
+                        "is reported")
     args = p.parse_args(argv)
     x8, y8, _, _ = load_cifar10(Path(args.data_dir or os.environ.get("BOF_DATA_DIR", "data")) / "")
     x, y = x8[:args.batch].float().div(255), y8[:args.batch].long()
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:  # compiled once each (the first call, timed), then timed as the others
         compiled_train, compiled_attack = torch.compile(model), torch.compile(folded)
         for name, fn in (("train fp32, compiled", lambda: train(None, compiled_train)),
-                         ("attack fp32, BN folded, compiled", lambda: attack(compiled_attack, None))):
+                         ("attack fp32, BN folded, compiled", lambda: attack(compiled_attack, None)),
+                         ("train bf16, compiled", lambda: train(torch.bfloat16, compiled_train)),
+                         ("attack bf16, BN folded, compiled", lambda: attack(compiled_attack, torch.bfloat16))):
             begin = time.monotonic()
             fn()
             compile_seconds[name] = round(time.monotonic() - begin, 1)
@@ -99,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "attack bf16 folded / unfolded": rates["attack bf16, BN folded"] / rates["attack bf16"],
                          **({"train compiled / eager (fp32)": rates["train fp32, compiled"] / rates["train fp32"],
                              "attack compiled / eager (fp32, folded)":
-                                 rates["attack fp32, BN folded, compiled"] / rates["attack fp32, BN folded"]}
+                                 rates["attack fp32, BN folded, compiled"] / rates["attack fp32, BN folded"],
+                             "train compiled / eager (bf16)": rates["train bf16, compiled"] / rates["train bf16"],
+                             "attack compiled / eager (bf16, folded)":
+                                 rates["attack bf16, BN folded, compiled"] / rates["attack bf16, BN folded"]}
                             if args.compile else {})},
               "compile_seconds": compile_seconds,
               "seconds": round(time.monotonic() - start, 1),

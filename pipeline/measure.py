@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from common import progress
 from common.attack_settings import (
     AUTOATTACK_QUERIES,
     AUTOATTACK_STEPS,
@@ -69,6 +70,14 @@ def named_models(pairs: Sequence[str], measure: str) -> dict[str, str]:
     if len(models) != len(pairs) or not all(models.values()):
         raise ConfigError(f"{measure}: --model takes NAME=CHECKPOINT pairs with distinct names, got {list(pairs)}")
     return models
+
+
+def each_model(models: dict[str, str], measure: str) -> Iterator[tuple[str, str]]:
+    """``models.items()``, telling ``reproduce``'s progress view which model the measure is on (its slow loops
+    run a model at a time: minutes each for AutoAttack or the inversion)."""
+    for i, (name, path) in enumerate(models.items()):
+        progress.report(f"{measure}: model {i + 1}/{len(models)} ({name})", i, len(models), "models", force=True)
+        yield name, path
 
 
 def _model(path: str):
@@ -370,7 +379,7 @@ def frequency(*, model: Sequence[str], norm: float = 4.0, severity: int = 5, cif
                "bands": {"low": list(LOW_BAND), "high": list(HIGH_BAND)},
                "corruptions": {c: {"examples": len(v[1]), "source": v[2]} for c, v in corrupted.items()},
                "models": {}}
-    for name, path in models.items():
+    for name, path in each_model(models, "frequency"):
         start = time.monotonic()
         net = _model(path).eval()
         errors = fourier_error_map(net, x, y, norm=norm, seed=seed, batch_size=batch_size)
@@ -396,7 +405,7 @@ def layer_robustness(*, model: Sequence[str], eps: float = 0.5, steps: int = 20,
     device = _device()
     x, _ = cifar_test_subset(examples, seed, data_dir)
     results = {"examples": examples, "seed": seed, "eps": eps, "steps": steps, "models": {}}
-    for name, path in named_models(model, "layer_robustness").items():
+    for name, path in each_model(named_models(model, "layer_robustness"), "layer_robustness"):
         start = time.monotonic()
         net = _model(path).eval()
         per_layer = measure_layers(net, x.to(device), count=layers, eps=eps, steps=steps,
@@ -424,7 +433,7 @@ def inversion(*, model: Sequence[str], steps: int = 1000, step_size: float = 0.1
     results = {"examples": examples, "seed": seed, "steps": steps, "step_size": step_size, "start": "uniform noise",
                "noise_correlation": pixel_correlation(noise, x).mean().item(), "models": {}}
     inverted = {}
-    for name, path in named_models(model, "inversion").items():
+    for name, path in each_model(named_models(model, "inversion"), "inversion"):
         start = time.monotonic()
         net = _model(path).eval()
         parts = [invert(net, x[i:i + batch_size], noise[i:i + batch_size], steps=steps, step_size=step_size)
@@ -470,7 +479,9 @@ def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), vers
                  f"AutoAttack ({version}), torchattacks {torchattacks.__version__} re-implementation at its defaults")
     results = {"examples": examples, "seed": seed, "eps": list(eps), "norm": "l2", "pgd_steps": pgd_steps,
                "aa_steps": aa_steps, "aa_queries": aa_queries, "attack": described, "models": {}}
-    for name, path in named_models(model, "autoattack").items():
+    models = named_models(model, "autoattack")
+    points = [(name, e) for name in models for e in eps]
+    for name, path in models.items():
         start = time.monotonic()
         net = _model(path).eval()
         right = predict(net, x, batch_size=batch_size) == y
@@ -478,6 +489,8 @@ def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), vers
                               seed=seed)
         record = {"checkpoint": path, "clean_acc": right.float().mean().item(), "eps": {}}
         for e, pgd_acc in zip(eps, pgd.values(), strict=True):
+            done = points.index((name, e))
+            progress.report(f"autoattack: {name} at L2 {e:g}", done, len(points), "model-eps points", force=True)
             attack = (autoattack_standard(net, e, "L2", steps=aa_steps, queries=aa_queries, seed=seed)
                       if version == "standard" else
                       torchattacks.AutoAttack(net, norm="L2", eps=e, version=version, n_classes=10, seed=seed))
