@@ -480,17 +480,17 @@ def autoattack(*, model: Sequence[str], eps: Sequence[float] = (0.25, 0.5), vers
     results = {"examples": examples, "seed": seed, "eps": list(eps), "norm": "l2", "pgd_steps": pgd_steps,
                "aa_steps": aa_steps, "aa_queries": aa_queries, "attack": described, "models": {}}
     models = named_models(model, "autoattack")
-    points = [(name, e) for name in models for e in eps]
-    for name, path in models.items():
+    points = len(models) * len(eps)
+    for m, (name, path) in enumerate(models.items()):
         start = time.monotonic()
         net = _model(path).eval()
         right = predict(net, x, batch_size=batch_size) == y
         pgd = robust_accuracy(net, x, y, [("l2", e) for e in eps], steps=pgd_steps, batch_size=batch_size,
                               seed=seed)
         record = {"checkpoint": path, "clean_acc": right.float().mean().item(), "eps": {}}
-        for e, pgd_acc in zip(eps, pgd.values(), strict=True):
-            done = points.index((name, e))
-            progress.report(f"autoattack: {name} at L2 {e:g}", done, len(points), "model-eps points", force=True)
+        for j, (e, pgd_acc) in enumerate(zip(eps, pgd.values(), strict=True)):
+            progress.report(f"autoattack: {name} at L2 {e:g}", m * len(eps) + j, points, "model-eps points",
+                            force=True)
             attack = (autoattack_standard(net, e, "L2", steps=aa_steps, queries=aa_queries, seed=seed)
                       if version == "standard" else
                       torchattacks.AutoAttack(net, norm="L2", eps=e, version=version, n_classes=10, seed=seed))

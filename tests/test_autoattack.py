@@ -111,24 +111,27 @@ def test_the_pgd_beside_autoattack_takes_the_steps_of_the_scales_test_sweep(pres
     assert steps == expected == {"mini": 20, "paper": 100}[preset_name]
 
 
-def test_autoattack_tells_the_progress_view_which_model_and_eps_it_is_on(tmp_path, data_dir, monkeypatch):
+@pytest.fixture
+def reported(monkeypatch) -> list[tuple[str, int, int]]:
+    """The (task, done, total) of every progress report the measures make."""
     import pipeline.measure as measure
 
-    reported = []
-    monkeypatch.setattr(measure.progress, "report", lambda task, done, total, unit, **kw: reported.append(
+    calls: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(measure.progress, "report", lambda task, done, total, unit, **kw: calls.append(
         (task, done, total)))
+    return calls
+
+
+def test_autoattack_tells_the_progress_view_which_model_and_eps_it_is_on(tmp_path, data_dir, reported):
     linear_checkpoint(tmp_path / "linear.ckpt", data_dir)
     autoattack(model=[f"linear={tmp_path / 'linear.ckpt'}"], eps=(0.25, 0.5), examples=20, aa_steps=2,
                aa_queries=5, data_dir=data_dir)
     assert reported == [("autoattack: linear at L2 0.25", 0, 2), ("autoattack: linear at L2 0.5", 1, 2)]
 
 
-def test_each_model_reports_the_model_a_measure_is_on(monkeypatch):
+def test_each_model_reports_the_model_a_measure_is_on(reported):
     import pipeline.measure as measure
 
-    reported = []
-    monkeypatch.setattr(measure.progress, "report", lambda task, done, total, unit, **kw: reported.append(
-        (task, done, total)))
     names = [name for name, _ in measure.each_model({"standard": "a.ckpt", "d_robust": "b.ckpt"}, "inversion")]
     assert names == ["standard", "d_robust"]
     assert reported == [("inversion: model 1/2 (standard)", 0, 2), ("inversion: model 2/2 (d_robust)", 1, 2)]
