@@ -197,7 +197,11 @@ class Watcher:
         self.every_s = every_s if every_s is not None else (TERMINAL_REFRESH_S if self.terminal else PLAIN_EVERY_S)
         self.estimate = Estimate(stages, out, extra_args, jobs)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="reproduce-progress", daemon=True)
+        # Neither thread is a daemon, and both are joined on exit: a daemon thread still importing the CLI or
+        # writing to stdout when the interpreter shuts down makes CPython abort the run (SIGABRT), seen in CI.
+        self._thread = threading.Thread(target=self._run, name="reproduce-progress")
+        # The estimate parses every command (seconds): compute it beside, and show progress from the start.
+        self._estimating = threading.Thread(target=self.estimate.compute, name="reproduce-estimate")
         self._shown: dict[str, str] = {}
         self._live = None
 
@@ -209,12 +213,14 @@ class Watcher:
             self._live = Live(self.render(), refresh_per_second=4, auto_refresh=False, redirect_stdout=True,
                               redirect_stderr=True)
             self._live.start()
+        self._estimating.start()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join()  # at most one redraw away once stopped
+        self._estimating.join()  # bounded: parsing the commands and a 0.2 s matmul, errors caught
         if self._live is not None:
             self._live.update(self.render(), refresh=True)  # the final picture stays on screen
             self._live.stop()
@@ -225,8 +231,6 @@ class Watcher:
         return Text("\n".join(picture(self.out, self.stages, self.estimate)))
 
     def _run(self) -> None:
-        # The estimate parses every command (seconds): compute it beside, and show progress from the start.
-        threading.Thread(target=self.estimate.compute, name="reproduce-estimate", daemon=True).start()
         while not self._stop.wait(self.every_s):
             if self._live is not None:
                 self._live.update(self.render(), refresh=True)
