@@ -1,13 +1,15 @@
 """Dataset generation with and without BatchNorm folding (``generation_fold_batchnorm``), side by side.
 
-The suite's own engine (``generate_shard``) builds D_det-style shards (targeted L2 PGD, the mini configs' eps 0.5,
-step 0.1, 10 steps, batch 250) from real CIFAR-10 training images against one source model, once as the configs
-run it (fp32, channels_last) and once with its BatchNorm layers folded into the convolutions (models/fusion.py).
+The suite's own engine (``generate_shard``) builds shards from real CIFAR-10 training images against one source
+model with a mini config's recipe (``--recipe d_det``: targeted L2 PGD, eps 0.5, step 0.1, 10 steps; ``d_nr``: the
+representation inversion of D_NR, 20 steps of 0.25), batch 250, channels_last, in ``--precision`` (default auto,
+as the configs run it), once with its BatchNorm layers kept and once with them folded into the convolutions
+(models/fusion.py; the default since 2026-12-08).
 The two are interleaved, ``--reps`` times each, and the report gives image-steps per second, the ratio, the attack
 success of both and how far their images are apart (folding rounds differently, so they are close, not equal).
 
     OMP_NUM_THREADS=2 python -m bench.generation_fold --source runs/mini/standard/checkpoints/last.ckpt \
-        --images 1000 --reps 5 --out bench/results/DATE_generation_fold.json
+        --images 1000 --reps 5 --precision auto --recipe d_det --out bench/results/DATE_generation_fold.json
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ import torch
 
 from bench.common import Cifar, machine_info, median, round_robin, spread
 from datamodules.constructed.engine import GenerationJob, GenerationSpec, generate_shard, prepared_models
-from datamodules.constructed.recipes import RelabelByAttack
+from datamodules.constructed.recipes import RelabelByAttack, RepresentationInversion
 from models import load_source
 from models.fusion import fold_batchnorm
 
-VARIANTS = ("as configured", "BatchNorm folded")
+VARIANTS = ("BatchNorm kept", "BatchNorm folded")
+RECIPES = {  # the mini configs' (configs/mini/d_det.yaml, d_nonrobust.yaml)
+    "d_det": lambda: RelabelByAttack(targets="shift", eps=0.5, step_size=0.1, steps=10),
+    "d_nr": lambda: RepresentationInversion(step_size=0.25, steps=20),
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,17 +39,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--source", required=True, help="a suite checkpoint of the source model (e.g. mini standard)")
     p.add_argument("--images", type=int, default=1000, help="training images generated per repetition")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--precision", default="auto", help="generation_precision: auto, 32-true or bf16-mixed")
+    p.add_argument("--recipe", default="d_det", choices=sorted(RECIPES))
     p.add_argument("--data_dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
 
     data = Cifar.load(args.data_dir)
     x, y = data.train_x[: args.images], data.train_y[: args.images]
-    recipe = RelabelByAttack(targets="shift", eps=0.5, step_size=0.1, steps=10)
+    recipe = RECIPES[args.recipe]()
     model = load_source(args.source).model.eval()
     n_folded = fold_batchnorm(model)[1]
     jobs = {name: GenerationJob(x, y, torch.arange(len(y)), sources=[], recipe=recipe, progress=False,
-                                spec=GenerationSpec(channels_last=True, fold_batchnorm=name == VARIANTS[1]))
+                                spec=GenerationSpec(precision=args.precision, channels_last=True,
+                                                    fold_batchnorm=name == VARIANTS[1]))
             for name in VARIANTS}
     models = {name: prepared_models([model], job.spec, job.device)[0] for name, job in jobs.items()}
     shard = range(len(y))
@@ -60,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m bench.generation_fold " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
         "machine": machine_info(), "command": command,
-        "source": str(args.source), "batchnorms_folded": n_folded, "images": args.images, "reps": args.reps,
+        "source": str(args.source), "recipe": args.recipe, "precision": jobs[VARIANTS[0]].spec.precision,
+        "batchnorms_folded": n_folded, "images": args.images, "reps": args.reps,
         "image_steps_per_second": rate, "spread": {n: spread(s) for n, s in seconds.items()},
         "speedup_folded": rate[VARIANTS[1]] / rate[VARIANTS[0]],
         "attack_success": {n: float(o["stat.attack_success"].mean()) for n, o in outputs.items()

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from common.errors import ConfigError
 from datamodules import CIFAR10DataModule
 from lightning_modules import AdversarialModule, ClassifierModule, RobustAccuracy, WandbLoggerWithFallback
 from lightning_modules.callbacks import parse_points
@@ -50,6 +51,24 @@ def test_attack_inside_test_and_validate_single_process(trained_small, tmp_path,
         rows = json.loads((tmp_path / "robust_accuracy.json").read_text())["rows"]
         assert rows[1]["robust_acc"] == pytest.approx(robust, abs=1e-6)
         assert (tmp_path / "robust_accuracy.png").stat().st_size > 1000
+
+
+def test_the_sweep_with_batchnorm_folded_agrees_and_leaves_the_model_as_it_was(trained_small, tmp_path):
+    model, dm = trained_small
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    acc = {}
+    for fold in (True, False):
+        cb = RobustAccuracy(test_points=["l2:0", "l2:0.25"], test_examples=200, test_steps=5, fold_batchnorm=fold)
+        trainer(tmp_path / str(fold), callbacks=[cb], limit_test_batches=1).test(model, dm, verbose=False)
+        acc[fold] = cb.results
+    assert acc[True]["l2_0"] == pytest.approx(acc[False]["l2_0"], abs=0.01)  # the same function, rounded apart
+    assert acc[True]["l2_0.25"] == pytest.approx(acc[False]["l2_0.25"], abs=0.03)
+    assert acc[True]["l2_0"] > 0.3
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm still there, statistics untouched
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with pytest.raises(ConfigError, match="fold_batchnorm must be true or false"):
+        RobustAccuracy(fold_batchnorm="yes")
 
 
 def test_inference_mode_trainer_gives_a_clear_error(trained_small, tmp_path):

@@ -103,7 +103,7 @@ class GenerationSpec:
     batch_size: int = 250  # images per batch; kernels may round differently at another batch size
     seed: int = 0  # of the per-example generators (example_generator)
     channels_last: bool = False  # memory format of the source models
-    fold_batchnorm: bool = False  # BatchNorm folded into the convolutions (models/fusion.py); rounds differently
+    fold_batchnorm: bool = True  # BatchNorm folded into the convolutions (models/fusion.py); rounds differently
     shard_size: int = 1000  # examples per shard, the unit of resuming and of the split over ranks
 
     def __post_init__(self) -> None:
@@ -173,7 +173,7 @@ class GenerationJob:
         numerics = {"precision": spec.precision, "device_type": self.device.type, "channels_last": spec.channels_last}
         if (threads := intra_op_threads(self.device)) is not None:  # absent on GPUs: their keys stay unchanged
             numerics["intra_op_threads"] = threads
-        if spec.fold_batchnorm:  # only when on: the keys of datasets generated before the option existed stay
+        if spec.fold_batchnorm:  # only when on: the keys of unfolded datasets stay those of before the option
             numerics["fold_batchnorm"] = True
         return {
             "sources": [s.sha256 for s in self.sources],
