@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 
 from bench.common import Cifar, machine_info, median, round_robin, spread
+from bench.generation_speed import recipes
 from datamodules.constructed.engine import GenerationJob, GenerationSpec, generate_shard, prepared_models
-from datamodules.constructed.recipes import RelabelByAttack, RepresentationInversion
 from models import load_source
 from models.fusion import fold_batchnorm
 
 VARIANTS = ("BatchNorm kept", "BatchNorm folded")
-RECIPES = {  # the mini configs' (configs/mini/d_det.yaml, d_nonrobust.yaml)
-    "d_det": lambda: RelabelByAttack(targets="shift", eps=0.5, step_size=0.1, steps=10),
-    "d_nr": lambda: RepresentationInversion(step_size=0.25, steps=20),
+RECIPES = {  # bench.generation_speed's recipes at the mini configs' steps (configs/mini/d_det.yaml, d_nonrobust.yaml)
+    "d_det": lambda: recipes(steps=10)["D_rand / D_det"],
+    "d_nr": lambda: recipes(steps=20)["D_R / D_NR"],
 }
 
 

@@ -28,7 +28,7 @@ from common.errors import ConfigError
 from common.figures import log_figure, pyplot, save_figure
 from common.files import write_bytes_atomic
 from common.tensors import as_float_images, rank_subset, summed_fractions
-from models.fusion import fold_batchnorm
+from models.fusion import as_attacked
 
 Point = tuple[str, float]
 
@@ -103,11 +103,8 @@ class RobustAccuracy(pl.Callback):
         channels_last = bool(pl_module.hparams.get("channels_last", False))
         options = dict(steps=steps, batch_size=self.batch_size, autocast_dtype=torch.bfloat16 if bf16 else None,
                        channels_last=channels_last)
-        model = pl_module.model
-        if self.fold_batchnorm:  # a folded copy: the trained module itself is never changed
-            model = fold_batchnorm(model)[0]
-            if channels_last:  # the folded convolutions' new weights are contiguous
-                model = model.to(memory_format=torch.channels_last)
+        # folded, a copy: the trained module itself is never changed (it is channels_last already when asked)
+        model = as_attacked(pl_module.model, fold=self.fold_batchnorm, channels_last=channels_last)
         acc = {}
         for i, point in enumerate(track(points, description=f"{split} accuracy under attack",
                                         disable=not trainer.is_global_zero)):

@@ -48,3 +48,14 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
             layers = list(sequential)
             folded += 1
     return folded_model, folded
+
+
+def as_attacked(model: nn.Module, *, fold: bool, channels_last: bool) -> nn.Module:
+    """The network as the eval-mode attacks run it (generation, the accuracy-under-attack sweeps): BatchNorm folded
+    into a copy when ``fold`` (``model`` itself is then left as it is), then in channels_last when asked, after the
+    folding, whose new convolution weights are contiguous."""
+    if fold:
+        model = fold_batchnorm(model)[0]
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

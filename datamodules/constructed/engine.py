@@ -39,7 +39,7 @@ from common.tensors import as_float_images, world_info
 from datamodules.constructed.recipes import Batch, Recipe, RecipeOutput
 from datamodules.constructed.store import CacheWarning, ShardStore, cache_key, tensor_sha256
 from models import Source
-from models.fusion import fold_batchnorm
+from models.fusion import as_attacked
 
 TRAINER = "trainer"  # generation_precision that follows the trainer's (resolved) precision
 PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -318,12 +318,7 @@ def preflight(job: GenerationJob, store: ShardStore, shards: list[range], todo: 
 def prepared_models(models: list, spec: GenerationSpec, device: torch.device) -> list:
     """The source models as generation runs them: on ``device``, BatchNorm folded and channels_last as ``spec``
     says (benchmarks call this too, so that they time what generation runs)."""
-    models = [m.to(device) for m in models]
-    if spec.fold_batchnorm:
-        models = [fold_batchnorm(m)[0] for m in models]
-    if spec.channels_last:
-        models = [m.to(memory_format=torch.channels_last) for m in models]
-    return models
+    return [as_attacked(m.to(device), fold=spec.fold_batchnorm, channels_last=spec.channels_last) for m in models]
 
 
 def generate_missing(job: GenerationJob, store: ShardStore, shards: list[range], todo: list[int], rank: int) -> int:
